@@ -1,0 +1,160 @@
+"""One CLI, thin: parse, call the library, print. `--section.key=value` overrides any config key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+DEFAULT_SFT_CONFIG = "world-qa.yaml"  # what `tunelab train` with nothing else runs (the shipped default)
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0])]
+    if bad:
+        raise TunelabError(
+            f"unknown arguments: {' '.join(bad)}", "config keys are given as --section.key=value"
+        )
+    out = []
+    for a in extra:  # "--train.lr 1e-4" is accepted too
+        out.append(a)
+    return out
+
+
+def packaged_config(name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("tunelab") / "configs" / name))
+
+
+def _train_config(args: argparse.Namespace, extra: list[str], task: str):
+    from tunelab.config import load_config
+
+    values: dict[str, object] = {"task": task}
+    if args.model:
+        values["model.name_or_path"] = args.model
+    if args.data:
+        values["data.path"] = args.data
+    if args.out:
+        values["out"] = args.out
+    if getattr(args, "report_to", None):
+        values["train.report_to"] = args.report_to
+    if getattr(args, "from_run", None):
+        values["model.name_or_path"] = args.from_run
+        values["parent"] = str(args.from_run)
+    path = args.config
+    if path is None and task == "sft" and not args.data:
+        path = packaged_config(DEFAULT_SFT_CONFIG)
+    return load_config(path, _split_overrides(extra), values)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
+    from tunelab.runner import config_for_resume, run
+
+    if args.resume:
+        cfg = config_for_resume(args.resume)
+        result = run(cfg, quiet=args.quiet, resume=args.resume)
+    else:
+        cfg = _train_config(args, extra, task)
+        result = run(cfg, quiet=args.quiet, overwrite=args.overwrite)
+    print(
+        f"done: {result.steps} steps, final train loss {result.final_loss:.4f}"
+        + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+        + (f" (best {result.best_eval_loss:.4f} at step {result.best_step})" if result.best_step else "")
+    )
+    print(f"run directory: {result.run_dir}  (model in {result.run_dir / 'final'})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.generate import Generator, read_prompts
+
+    gen = Generator.load(args.model, device=args.device)
+    prompts = read_prompts(args.file) if args.file else [args.prompt]
+    if not prompts or prompts == [None]:
+        raise TunelabError(
+            "nothing to generate from", 'give a prompt: tunelab generate RUN "question", or --file F'
+        )
+    answers = gen.generate(
+        prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed, raw=args.raw
+    )
+    if args.file:
+        out = Path(args.output or Path(args.file).with_suffix(".predictions.jsonl"))
+        with out.open("w", encoding="utf-8") as f:
+            for p, a in zip(prompts, answers):
+                f.write(json.dumps({"prompt": p, "completion": a}, ensure_ascii=False) + "\n")
+        print(f"wrote {len(answers)} completions to {out}")
+    else:
+        print(answers[0])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunelab", description="Finetune a small LLM and prove it got better."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in (
+        ("train", "finetune a model (defaults to the shipped world demo data)"),
+        ("pretrain", "next-token prediction on raw text, new or continued"),
+    ):
+        p = sub.add_parser(
+            name, help=help_text, epilog="any config key: --section.key=value, e.g. --train.lr=1e-4"
+        )
+        p.add_argument("config", nargs="?", help="YAML config (see configs/)")
+        p.add_argument("--model", help="hub id, local folder, run directory, or 'world'")
+        p.add_argument("--data", help="training data file or datasets folder")
+        p.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest complete checkpoint")
+        p.add_argument(
+            "--from", dest="from_run", metavar="RUN", help="start a new run from RUN's final weights"
+        )
+        p.add_argument(
+            "--report-to", dest="report_to", help="tensorboard, mlflow and/or wandb (comma-separated)"
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+    g = sub.add_parser("generate", help="answer a prompt (or a file of prompts) with the run's template")
+    g.add_argument("model", help="run directory, HF folder or hub id")
+    g.add_argument("prompt", nargs="?", help="the question / instruction")
+    g.add_argument(
+        "--file", help="JSONL (prompt/question/instruction/input field) or text file, one per line"
+    )
+    g.add_argument("--output", help="where batch predictions go (JSONL)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--raw", action="store_true", help="send the text as-is, without the template")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command in ("train", "pretrain"):
+            return cmd_train(args, extra, "sft" if args.command == "train" else "pretrain")
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "generate":
+            return cmd_generate(args)
+    except TunelabError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden with `--section.key=value`.
+
+Every value is checked on load; a bad one stops with the key, what was given and what is accepted.
+Library functions never see these objects: only the CLI, the Python API and recipes do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tunelab.errors import ConfigError
+
+DEFAULT_MODEL = "world"  # the tiny base model that ships with tunelab (see tunelab.world)
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local HF folder, a tunelab run directory, or "world" for the shipped base model.
+    name_or_path: str = DEFAULT_MODEL
+    # Pretraining from scratch: HF config fields (must include model_type); weights start random.
+    init: dict[str, Any] | None = None
+    # Tokenizer to use when it differs from the model's (required with `init`).
+    tokenizer: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # A file (.jsonl/.json/.csv/.parquet/.txt) or a folder saved with `datasets`.
+    path: str = ""
+    # A separate held-out file; when empty, `eval_ratio` of `path` is split off with `split_seed`.
+    eval_path: str | None = None
+    eval_ratio: float = 0.1
+    split_seed: int = 42
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "text", "datasets"] = "auto"
+    # Which schema the rows follow; "auto" detects it from the field names.
+    schema: Literal["auto", "qa", "alpaca", "prompt_completion", "input_output", "messages", "text"] = "auto"
+    # Explicit field mapping, schema role -> column name, e.g. {question: q, answer: a}.
+    fields: dict[str, str] = field(default_factory=dict)
+    # qa: ### Question/### Answer; alpaca; raw: prompt then completion as-is; chat: the tokenizer's chat
+    # template; custom: the two formats below; none: raw text, every token trained.
+    template: Literal["auto", "qa", "alpaca", "raw", "chat", "custom", "none"] = "auto"
+    prompt_format: str | None = None  # custom: e.g. "Q: {question}\nA: "
+    completion_format: str | None = None  # custom: e.g. "{answer}"
+    train_on_prompt: bool = False
+    # Longest example in tokens; None = 2048, or less when the model's context is shorter.
+    max_length: int | None = None
+    # Which end of an over-long example is cut: "right" drops its tail, "left" its head.
+    truncation_side: Literal["right", "left"] = "right"
+    on_bad_row: Literal["error", "skip"] = "error"
+    # Pretraining: documents are joined with EOS and cut into chunks of this many tokens.
+    chunk_length: int = 256
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # "all-linear" = every linear layer of attention and MLP (not the output head).
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["full", "lora", "dora", "qlora"] = "full"
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    # Examples per optimizer step; split into micro-batches of at most `micro_batch_tokens`.
+    batch_size: int = 16
+    micro_batch_tokens: int = 8192
+    grad_clip: float | None = 1.0
+    # In optimizer steps; None = about 10 evaluations over the run, 0 = only at the end.
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    task: Literal["sft", "pretrain"] = "sft"
+    name: str = "run"
+    # The run directory; empty = runs/<name>-<timestamp>.
+    out: str = ""
+    # The run this one continued from (`tunelab train --from RUN`), recorded for lineage.
+    parent: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting the harmless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        accepted = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{key}: got {value!r}, expected {accepted}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f"did you mean {close[0]!r}?" if close else None
+        raise ConfigError(f"{key}: got {value!r}, accepted values: {', '.join(map(repr, args))}", hint)
+    if origin is list:
+        if isinstance(value, str):  # `--train.report_to=tensorboard,wandb`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {value!r}, expected a list")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}, expected a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected true or false")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a model name that YAML read as a number
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else None
+            raise ConfigError(f"unknown key '{full}'; valid keys here: {', '.join(names)}", hint)
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """`--train.lr=1e-4` -> (["train", "lr"], 1e-4). Values are read as YAML scalars."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body:
+        raise ConfigError(f"override '{arg}' has no value", "write it as --section.key=value")
+    dotted, raw = body.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads "1e-4" as a string (it wants "1.0e-4"); people write 1e-4.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and value[0] in "0123456789.-+" else value
+        except ValueError:
+            pass
+    return dotted.replace("-", "_").split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{'.'.join(path)}': '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def _fix_yaml_floats(tree: Any) -> Any:
+    """PyYAML reads `lr: 1e-4` as the string '1e-4'; turn such strings back into floats."""
+    if isinstance(tree, dict):
+        return {k: _fix_yaml_floats(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fix_yaml_floats(v) for v in tree]
+    if isinstance(tree, str):
+        try:
+            return float(tree) if tree.strip() and tree.strip()[0] in "0123456789.-+" else tree
+        except ValueError:
+            return tree
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Read a YAML file (optional), apply `values` (nested dict) then `--a.b=c` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file not found: {p}", "give the path to a YAML file, e.g. configs/world-qa.yaml"
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        tree = _fix_yaml_floats(loaded or {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, train, ...)")
+    for dotted, value in (values or {}).items():
+        _set_path(tree, dotted.split("."), value)
+    for arg in overrides or []:
+        keys, value = parse_override(arg)
+        _set_path(tree, keys, value)
+    cfg = _build(RunConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across keys that types alone cannot express."""
+    d, t = cfg.data, cfg.train
+    if not 0.0 <= d.eval_ratio < 1.0:
+        raise ConfigError(f"data.eval_ratio: got {d.eval_ratio}, expected 0 <= ratio < 1")
+    if d.max_length is not None and d.max_length < 2:
+        raise ConfigError(f"data.max_length: got {d.max_length}, expected at least 2")
+    if d.template == "custom" and not (d.prompt_format and d.completion_format):
+        raise ConfigError(
+            "data.template is 'custom' but data.prompt_format / data.completion_format are not both set",
+            'e.g. --data.prompt_format="Q: {question}\\nA: " --data.completion_format="{answer}"',
+        )
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: got {t.lr}, expected a positive number")
+    if t.epochs <= 0 and not t.max_steps:
+        raise ConfigError("train.epochs must be positive (or set train.max_steps)")
+    if t.batch_size < 1:
+        raise ConfigError(f"train.batch_size: got {t.batch_size}, expected >= 1")
+    if d.max_length is not None and t.micro_batch_tokens < d.max_length and cfg.task == "sft":
+        raise ConfigError(
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) is smaller than data.max_length ({d.max_length})",
+            "a micro-batch must hold the longest example: raise micro_batch_tokens or lower max_length",
+        )
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio: got {t.warmup_ratio}, expected 0 <= ratio < 1")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"train.adam_betas: got {t.adam_betas}, expected two numbers")
+    if cfg.model.init is not None and "model_type" not in cfg.model.init:
+        raise ConfigError("model.init must name a model_type (e.g. llama) next to the shape fields")
+    if cfg.model.init is not None and not cfg.model.tokenizer:
+        raise ConfigError(
+            "model.init builds new weights and needs model.tokenizer (a tokenizer folder or hub id)"
+        )
+    if cfg.task == "pretrain" and d.chunk_length < 2:
+        raise ConfigError(f"data.chunk_length: got {d.chunk_length}, expected at least 2")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

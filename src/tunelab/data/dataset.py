@@ -1,0 +1,130 @@
+"""The data path end to end: file -> rows -> records -> segments -> encoded examples, split.
+
+Nothing here reaches a model: the tokenizer is the only thing it needs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tunelab.data import formats, schema, templates
+from tunelab.data.formats import Reject
+from tunelab.data.schema import Record
+from tunelab.data.templates import Template
+from tunelab.data.tokenize import IGNORE, Encoded, encode
+from tunelab.errors import DataError
+
+
+@dataclass
+class LoadedRecords:
+    schema: str
+    train: list[Record]
+    eval: list[Record]
+    rejects: list[Reject] = field(default_factory=list)
+
+
+@dataclass
+class SFTData:
+    template: Template
+    schema: str
+    train: list[Encoded]
+    eval: list[Encoded]
+    train_records: list[Record]
+    eval_records: list[Record]
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def _records(
+    path: str,
+    fmt: str,
+    schema_name: str,
+    fields: dict[str, str],
+    on_bad_row: Literal["error", "skip"],
+) -> tuple[str, list[Record], list[Reject]]:
+    read = formats.read_rows(path, fmt, on_bad_row)
+    name = schema.detect_schema(read.rows, fields) if schema_name == "auto" else schema_name
+    records, rejects = [], list(read.rejects)
+    for row in read.rows:
+        try:
+            records.append(schema.to_record(row, name, fields))
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            rejects.append(Reject(row.source, row.line, f"field '{e.field}': {e.reason}", str(row.data)))
+    if not records:
+        raise DataError(
+            "no usable rows", source=path, hint="see the rejects file or run `tunelab data check`"
+        )
+    return name, records, rejects
+
+
+def load_records(
+    path: str,
+    eval_path: str | None = None,
+    eval_ratio: float = 0.1,
+    split_seed: int = 42,
+    fmt: str = "auto",
+    schema_name: str = "auto",
+    fields: dict[str, str] | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+) -> LoadedRecords:
+    """Read and validate; split off `eval_ratio` with a seeded shuffle unless an eval file is given."""
+    fields = fields or {}
+    if not path:
+        raise DataError("no training data given", hint="set data.path (or --data FILE)")
+    name, records, rejects = _records(path, fmt, schema_name, fields, on_bad_row)
+    if eval_path:
+        eval_name, eval_records, eval_rejects = _records(eval_path, fmt, name, fields, on_bad_row)
+        rejects += eval_rejects
+        return LoadedRecords(name, records, eval_records, rejects)
+    order = list(range(len(records)))
+    random.Random(split_seed).shuffle(order)
+    n_eval = round(len(records) * eval_ratio)
+    if eval_ratio > 0 and len(records) >= 2:
+        n_eval = max(1, min(n_eval, len(records) - 1))
+    eval_idx = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in eval_idx]
+    held = [r for i, r in enumerate(records) if i in eval_idx]
+    return LoadedRecords(name, train, held, rejects)
+
+
+def encode_records(
+    records: list[Record],
+    template: Template,
+    tokenizer: Any,
+    max_length: int,
+    truncation_side: Literal["right", "left"] = "right",
+    train_on_prompt: bool = False,
+) -> list[Encoded]:
+    # Chat templates write their own end-of-turn markup (and BOS) into the text; others get EOS here.
+    chat = template.name == "chat"
+    return [
+        encode(
+            templates.render(r, template, tokenizer),
+            tokenizer,
+            max_length,
+            truncation_side,
+            train_on_prompt,
+            add_eos=not chat,
+            add_prefix=not chat,
+        )
+        for r in records
+    ]
+
+
+def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[Encoded]:
+    """Pretraining: documents joined with EOS into one stream, cut into chunks; every token is trained."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    chunks = [stream[i : i + chunk_length] for i in range(0, len(stream), chunk_length)]
+    return [Encoded(c, list(c)) for c in chunks if len(c) > 1]
+
+
+def count_trainable(examples: list[Encoded]) -> int:
+    return sum(sum(lab != IGNORE for lab in ex.labels[1:]) for ex in examples)

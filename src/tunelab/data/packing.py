@@ -1,0 +1,96 @@
+"""Examples -> padding-free packed batches.
+
+Each micro-batch is one row of concatenated examples. Position ids restart at 0 for every example;
+transformers builds a block-diagonal causal mask from them (masking_utils.find_packed_sequence_indices),
+and flash/SDPA varlen kernels use them the same way, so no example attends to another. Targets are
+shifted inside each example, so the last token of one example never predicts the first of the next.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.data.tokenize import IGNORE, Encoded
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    targets: torch.Tensor  # [1, T], already shifted; IGNORE where no loss
+    n_examples: int
+    n_tokens: int  # real tokens (there is no padding)
+    n_targets: int  # tokens that carry loss
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        return PackedBatch(
+            self.input_ids.to(device, non_blocking=True),
+            self.position_ids.to(device, non_blocking=True),
+            self.targets.to(device, non_blocking=True),
+            self.n_examples,
+            self.n_tokens,
+            self.n_targets,
+        )
+
+
+def collate(examples: list[Encoded]) -> PackedBatch:
+    ids: list[int] = []
+    pos: list[int] = []
+    tgt: list[int] = []
+    for ex in examples:
+        n = len(ex.input_ids)
+        ids.extend(ex.input_ids)
+        pos.extend(range(n))
+        tgt.extend(ex.labels[1:])
+        tgt.append(IGNORE)  # the last token of an example predicts nothing
+    t = torch.tensor
+    n_targets = sum(v != IGNORE for v in tgt)
+    return PackedBatch(t([ids]), t([pos]), t([tgt]), len(examples), len(ids), n_targets)
+
+
+def plan_epoch(
+    lengths: list[int],
+    batch_size: int,
+    micro_batch_tokens: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[list[list[int]]]:
+    """The epoch as optimizer steps -> micro-batches -> example indices; deterministic in (seed, epoch).
+
+    A step takes `batch_size` examples (the last step may take fewer: no example is dropped), then
+    packs them first-fit-decreasing into micro-batches of at most `micro_batch_tokens` tokens, so
+    gradient accumulation happens only when a step's tokens do not fit one micro-batch.
+    """
+    order = list(range(len(lengths)))
+    if shuffle:
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+    steps = []
+    for start in range(0, len(order), batch_size):
+        chosen = sorted(order[start : start + batch_size], key=lambda i: -lengths[i])
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in chosen:
+            n = min(lengths[i], micro_batch_tokens)
+            for b, free in enumerate(room):
+                if n <= free:
+                    bins[b].append(i)
+                    room[b] -= n
+                    break
+            else:
+                bins.append([i])
+                room.append(micro_batch_tokens - n)
+        steps.append(bins)
+    return steps
+
+
+def plan_eval(lengths: list[int], micro_batch_tokens: int) -> list[list[int]]:
+    """Eval micro-batches in file order (no shuffling: eval loss must be comparable across steps)."""
+    return [
+        mb
+        for step in plan_epoch(lengths, len(lengths) or 1, micro_batch_tokens, 0, 0, shuffle=False)
+        for mb in step
+    ]

@@ -1,0 +1,168 @@
+"""Records -> text segments, each marked trained or not.
+
+A template is plain data (name + two format strings) so the run directory stores it and inference
+renders prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.data.schema import COMPLETION_ROLE, PROMPT_ROLE, Record
+from tunelab.errors import ConfigError, DataError
+
+QA_PROMPT = "### Question:\n{prompt}\n\n### Answer:\n"
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+BUILTIN = {
+    "qa": (QA_PROMPT, "{completion}"),
+    "alpaca": (ALPACA_PROMPT, "{completion}"),
+    "raw": ("{prompt}", "{completion}"),
+}
+# What `template: auto` means for each schema.
+AUTO = {
+    "qa": "qa",
+    "alpaca": "alpaca",
+    "prompt_completion": "raw",
+    "input_output": "raw",
+    "messages": "chat",
+    "text": "none",
+}
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str  # qa | alpaca | raw | custom | chat | none
+    prompt_format: str = ""
+    completion_format: str = ""
+    schema: str = "qa"
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    train: bool
+
+
+def resolve(
+    name: str, schema: str, prompt_format: str | None = None, completion_format: str | None = None
+) -> Template:
+    """Turn the config's template choice into a concrete Template for this schema."""
+    if name == "auto":
+        name = AUTO[schema]
+    if schema == "messages" and name != "chat":
+        raise ConfigError(
+            f"data.template: '{name}' cannot render OpenAI messages", "use template: chat (or auto)"
+        )
+    if schema == "text" and name not in ("none",):
+        raise ConfigError(f"data.template: '{name}' needs prompt/completion pairs but the rows are raw text")
+    if name in ("chat", "none"):
+        return Template(name, schema=schema)
+    if name == "custom":
+        if not prompt_format or not completion_format:
+            raise ConfigError("data.template 'custom' needs data.prompt_format and data.completion_format")
+        return Template("custom", prompt_format, completion_format, schema)
+    if name not in BUILTIN:
+        raise ConfigError(
+            f"data.template: unknown template '{name}'",
+            f"use one of auto, chat, custom, none, {', '.join(BUILTIN)}",
+        )
+    # An explicit format given with a builtin name overrides it (it is what config.yaml stores).
+    p, c = BUILTIN[name]
+    return Template(name, prompt_format or p, completion_format or c, schema)
+
+
+def _fields(values: dict[str, Any], schema: str) -> dict[str, str]:
+    """Every role a format string may name, plus the generic {prompt} and {completion}."""
+    out = {k: v for k, v in values.items() if isinstance(v, str)}
+    out.setdefault("input", "")
+    if schema in PROMPT_ROLE:
+        out.setdefault("prompt", values.get(PROMPT_ROLE[schema], ""))
+        out.setdefault("completion", values.get(COMPLETION_ROLE[schema], ""))
+        out.setdefault("question", out["prompt"])
+        out.setdefault("answer", out["completion"])
+    return out
+
+
+def _format(fmt: str, fields: dict[str, str], record: Record | None) -> str:
+    try:
+        return fmt.format_map(fields)
+    except KeyError as e:
+        where = {} if record is None else {"source": record.source, "line": record.line}
+        raise DataError(
+            f"the template names {{{e.args[0]}}} but the row has no such field",
+            **where,
+            hint=f"available fields: {', '.join(sorted(fields))}",
+        ) from None
+    except (ValueError, IndexError) as e:
+        raise ConfigError(
+            f"template format string {fmt!r} is malformed: {e}", "escape literal braces as {{ }}"
+        ) from None
+
+
+def prompt_text(template: Template, values: dict[str, Any], record: Record | None = None) -> str:
+    fields = _fields(values, template.schema)
+    fmt = template.prompt_format
+    if template.name == "alpaca" and not fields.get("input", "").strip() and fmt == ALPACA_PROMPT:
+        fmt = ALPACA_PROMPT_NO_INPUT
+    return _format(fmt, fields, record)
+
+
+def render(record: Record, template: Template, tokenizer: Any = None) -> list[Segment]:
+    """The example as text segments; `train` marks what the loss is computed on."""
+    if template.name == "none":
+        return [Segment(record.values["text"], True)]
+    if template.name == "chat":
+        return _render_chat(record, tokenizer)
+    prompt = prompt_text(template, record.values, record)
+    completion = _format(template.completion_format, _fields(record.values, template.schema), record)
+    return [Segment(prompt, False), Segment(completion, True)]
+
+
+def _chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _render_chat(record: Record, tokenizer: Any) -> list[Segment]:
+    """Every assistant turn is trained; everything else (system, user, the template's markup) is not."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "template 'chat' needs a tokenizer with a chat template, and this one has none",
+            "use template: qa / alpaca / custom, or a model whose tokenizer ships a chat template",
+        )
+    messages = record.values["messages"]
+    segments: list[Segment] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise DataError(
+                "the chat template renders earlier turns differently once later turns are added, "
+                "so the trained part cannot be located exactly",
+                source=record.source,
+                line=record.line,
+                field=f"messages[{i}]",
+                hint="use a single assistant turn per row, or a template without history rewriting",
+            )
+        segments.append(Segment(prefix[len(done) :], False))
+        segments.append(Segment(full[len(prefix) :], True))
+        done = full
+    return [s for s in segments if s.text]
+
+
+def chat_prompt(tokenizer: Any, user_text: str) -> str:
+    return _chat(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)

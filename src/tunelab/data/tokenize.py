@@ -1,0 +1,77 @@
+"""Text segments -> token ids and labels.
+
+Labels are -100 wherever no loss is wanted (the prompt, unless train_on_prompt). The EOS token is
+appended to every completion and is trained, so the model learns to stop; this is done by structure,
+never by comparing ids with the pad token, so a tokenizer whose pad == eos still learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tunelab.data.templates import Segment
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # unshifted: labels[i] is the target *at* position i (shifted later, per example)
+    truncated: bool = False
+    completion_tokens_lost: int = 0  # trainable tokens cut by truncation
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before text on its own (e.g. Llama's BOS); [] for most others."""
+    cached = getattr(tokenizer, "_tunelab_prefix", None)
+    if cached is not None:
+        return cached
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(without)
+    prefix = with_special[:n] if n > 0 and with_special[n:] == without else []
+    try:
+        tokenizer._tunelab_prefix = prefix
+    except AttributeError:
+        pass
+    return prefix
+
+
+def encode(
+    segments: list[Segment],
+    tokenizer: Any,
+    max_length: int,
+    truncation_side: Literal["right", "left"] = "right",
+    train_on_prompt: bool = False,
+    add_eos: bool = True,
+    add_prefix: bool = True,
+) -> Encoded:
+    """Tokenise each segment on its own, so the prompt's ids equal what inference will feed the model."""
+    ids: list[int] = list(special_prefix(tokenizer)) if add_prefix else []
+    labels: list[int] = [IGNORE] * len(ids)
+    for seg in segments:
+        piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        labels.extend(piece if (seg.train or train_on_prompt) else [IGNORE] * len(piece))
+    if add_eos and tokenizer.eos_token_id is not None and segments and segments[-1].train:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    enc = Encoded(ids, labels)
+    if len(ids) > max_length:
+        keep = slice(0, max_length) if truncation_side == "right" else slice(len(ids) - max_length, None)
+        kept_labels = labels[keep]
+        trained = sum(lab != IGNORE for lab in labels)
+        enc = Encoded(
+            ids[keep],
+            kept_labels,
+            truncated=True,
+            completion_tokens_lost=trained - sum(lab != IGNORE for lab in kept_labels),
+        )
+    return enc
+
+
+def n_trainable(enc: Encoded) -> int:
+    """Tokens that carry loss once shifted: the first position predicts nothing."""
+    return sum(lab != IGNORE for lab in enc.labels[1:])

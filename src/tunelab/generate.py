@@ -1,0 +1,132 @@
+"""Inference with the run's own template and stop tokens, so training and inference never disagree."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.data.templates import Template, chat_prompt, prompt_text
+from tunelab.errors import DataError
+from tunelab.models import load_model, load_template
+
+# End-of-turn tokens of common chat templates; generation stops on any the tokenizer knows.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass
+class Generator:
+    model: Any
+    tokenizer: Any
+    template: Template | None  # None = feed the text as-is (a plain HF model with no tunelab template)
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto") -> Generator:
+        model, tok, src = load_model(name_or_path, dtype=dtype, device=device)
+        folder = src.adapter or src.model
+        saved = load_template(folder)
+        template = Template(**saved) if saved else None
+        model.eval()
+        return cls(model, tok, template)
+
+    def render(self, text: str) -> str:
+        if self.template is None or self.template.name == "none":
+            return text
+        if self.template.name == "chat":
+            return chat_prompt(self.tokenizer, text)
+        from tunelab.data.schema import PROMPT_ROLE
+
+        role = PROMPT_ROLE.get(self.template.schema, "prompt")
+        return prompt_text(self.template, {role: text, "prompt": text})
+
+    def stop_ids(self) -> list[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+        return sorted(ids)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 32,
+        raw: bool = False,
+    ) -> list[str]:
+        """Greedy by default. `raw=True` skips the template (the text is already a full prompt)."""
+        from tunelab.data.tokenize import special_prefix
+
+        tok = self.tokenizer
+        device = next(self.model.parameters()).device
+        if seed is not None:
+            torch.manual_seed(seed)
+        prefix = [] if (self.template is not None and self.template.name == "chat") else special_prefix(tok)
+        stops = self.stop_ids()
+        outputs: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids = [
+                prefix + tok(p if raw else self.render(p), add_special_tokens=False)["input_ids"]
+                for p in chunk
+            ]
+            width = max(len(i) for i in ids)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+            # Left padding keeps every prompt's last token at the same place for the first new token.
+            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+            sample = temperature > 0
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
+                top_k=None,
+                eos_token_id=stops,
+                pad_token_id=pad,
+            )
+            for row in out[:, width:].tolist():
+                cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+                outputs.append(tok.decode(row[:cut], skip_special_tokens=True))
+        return outputs
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A batch file: JSONL with a `prompt` (or `question`/`instruction`/`input`) field, or plain lines."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError("file not found", source=str(p))
+    prompts = []
+    for number, line in enumerate(p.read_text(encoding="utf-8-sig").split("\n"), start=1):
+        if not line.strip():
+            continue
+        if p.suffix in (".jsonl", ".json"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"not valid JSON ({e.msg})", source=str(p), line=number) from None
+            key = next(
+                (
+                    k
+                    for k in ("prompt", "question", "instruction", "input")
+                    if isinstance(row, dict) and k in row
+                ),
+                None,
+            )
+            if key is None:
+                raise DataError("no prompt/question/instruction/input field", source=str(p), line=number)
+            prompts.append(str(row[key]))
+        else:
+            prompts.append(line.rstrip("\r"))
+    return prompts

@@ -1,0 +1,242 @@
+"""Load any HF causal LM + tokenizer (hub id, local folder, tunelab run directory, or the shipped
+"world" base), pick dtype/device, wrap with LoRA, save in standard HF format."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import ModelLoadError
+
+TEMPLATE_FILE = "tunelab_template.json"
+
+
+def _quiet_hf() -> None:
+    """transformers' own per-file bars would interleave with ours."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()  # saved next to the weights so inference renders like training
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from once names and run directories are resolved."""
+
+    model: str  # HF folder or hub id of the (base) model
+    adapter: str | None = None  # PEFT adapter folder on top of `model`
+    run_dir: Path | None = None  # the tunelab run this came from, if any
+
+
+def world_base_path() -> Path:
+    from tunelab.world.base import base_model_dir
+
+    return base_model_dir()
+
+
+def resolve_source(name_or_path: str) -> ModelSource:
+    """'world' -> the shipped base; a run dir -> its final/ (base + adapter when it holds one)."""
+    if name_or_path == "world":
+        return ModelSource(str(world_base_path()))
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():
+        final = p / "final"
+        if not final.is_dir():
+            raise ModelLoadError(
+                f"run directory {p} has no final/ model (did training finish?)",
+                f"resume it with `tunelab train --resume {p}` or pick a checkpoint folder",
+            )
+        src = resolve_source(str(final))
+        return ModelSource(src.model, src.adapter, p)
+    if p.is_dir() and (p / "adapter_config.json").exists():
+        cfg = json.loads((p / "adapter_config.json").read_text())
+        base = cfg.get("base_model_name_or_path") or ""
+        return ModelSource(str(world_base_path()) if base == "world" else base, str(p))
+    return ModelSource(name_or_path)
+
+
+def _load_error(name: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix != ""
+    if looks_local or Path(name).exists():
+        return ModelLoadError(
+            f"cannot load a model from '{name}': {err}", "check the path holds config.json and weights"
+        )
+    if offline:
+        return ModelLoadError(
+            f"model '{name}' is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1)",
+            "download it on a machine with internet (`hf download NAME`), copy the folder here and pass its path",
+        )
+    return ModelLoadError(
+        f"cannot load model '{name}' from the hub: {type(err).__name__}: {err}",
+        "check the name and your network, or pass a local folder",
+    )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "model.device is 'cuda' but no CUDA GPU is visible", "use --model.device=cpu or auto"
+        )
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory and uses tensor cores on GPUs that support it; fp32 on CPU is both faster
+        # and exact there (CPU bf16 matmuls are slow on most chips).
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e) from None
+    if tok.pad_token_id is None:
+        # Needed only to pad generation batches: training is padding-free and builds labels from
+        # structure, so pad == eos cannot mask the EOS the model must learn.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+    init: dict[str, Any] | None = None,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    quantization: Any = None,
+    adapter_trainable: bool = False,
+) -> tuple[Any, Any, ModelSource]:
+    """Returns (model, tokenizer, source). With `init`, a new model of that HF config (random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_hf()
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    attn = None if attn_implementation == "auto" else attn_implementation
+    if init is not None:
+        init = dict(init)
+        model_type = init.pop("model_type")
+        tok = load_tokenizer(resolve_source(tokenizer or name_or_path).model, trust_remote_code)
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=init.pop("vocab_size", len(tok)),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **init,
+        )
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn)
+        return model.to(dev), tok, ModelSource("(new weights)")
+    src = resolve_source(name_or_path)
+    tok = load_tokenizer(tokenizer or src.adapter or src.model, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.model,
+            dtype=torch_dtype,
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
+            quantization_config=quantization,
+            device_map={"": dev} if quantization is not None else None,
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(src.model, e) from None
+    if src.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, src.adapter, is_trainable=adapter_trainable)
+    return (model if quantization is not None else model.to(dev)), tok, src
+
+
+def load_template(folder: str | Path) -> dict[str, Any] | None:
+    f = Path(folder) / TEMPLATE_FILE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def save_model(model: Any, tokenizer: Any, out: Path, template: dict[str, Any] | None) -> None:
+    """HF `save_pretrained` folder (or PEFT adapter) + tokenizer + generation config + the template."""
+    _quiet_hf()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and not (out / "generation_config.json").exists():
+        gen.save_pretrained(out)
+    if template is not None:
+        (out / TEMPLATE_FILE).write_text(json.dumps(template, indent=2))
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def apply_lora(
+    model: Any,
+    method: str,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | str,
+    modules_to_save: list[str],
+) -> Any:
+    """Wrap with a PEFT LoRA/DoRA adapter; only the adapter (and `modules_to_save`) trains."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or None,
+        use_dora=method == "dora",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def quantization_config(method: str, device: torch.device) -> Any:
+    """QLoRA's 4-bit NF4 base weights; only on CUDA, where bitsandbytes has kernels."""
+    if method != "qlora":
+        return None
+    if device.type != "cuda":
+        raise ModelLoadError(
+            "train.method 'qlora' needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none",
+            "use --train.method=lora on CPU: same adapters, full-precision base",
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("train.method 'qlora' needs bitsandbytes", "pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )

@@ -1,0 +1,205 @@
+"""From a RunConfig to a finished run directory: data first (all bad input stops here, before any
+model is loaded), then the model, then the loop. The CLI and the Python API both call this."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import RunConfig, load_config, save_config
+from tunelab.data import templates
+from tunelab.data.dataset import count_trainable, encode_records, load_records, pack_documents
+from tunelab.data.formats import write_rejects
+from tunelab.errors import ConfigError, DataError, TunelabError
+from tunelab.models import (
+    apply_lora,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    quantization_config,
+    resolve_source,
+)
+from tunelab.train import checkpoint
+from tunelab.train.loop import TrainResult, train
+
+
+def make_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise TunelabError(
+                f"run directory {out} already exists and is not empty",
+                f"pass --overwrite to replace it, --resume {out} to continue it, or choose another --out",
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _max_positions(name_or_path: str, init: dict[str, Any] | None) -> int | None:
+    if init is not None:
+        return init.get("max_position_embeddings")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_source(name_or_path).model)
+    except (OSError, ValueError):
+        return None  # the model load right after says what is wrong, with the full message
+    return getattr(config, "max_position_embeddings", None)
+
+
+DEFAULT_MAX_LENGTH = 2048  # the course's choice; most small models take at least this
+
+
+def resolve_max_length(cfg: RunConfig) -> RunConfig:
+    """Fill data.max_length from the model when unset; refuse lengths the model cannot take."""
+    limit = _max_positions(cfg.model.name_or_path, cfg.model.init)
+    d = cfg.data
+    max_length = d.max_length or min(
+        DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH, cfg.train.micro_batch_tokens
+    )
+    for key, length in (("data.max_length", max_length), ("data.chunk_length", d.chunk_length)):
+        if key == "data.chunk_length" and cfg.task != "pretrain":
+            continue
+        if limit is not None and length > limit:
+            raise ConfigError(
+                f"{key} is {length} but the model takes at most {limit} tokens", f"set {key} <= {limit}"
+            )
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, max_length=max_length))
+
+
+def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.Template, list[Any]]:
+    d = cfg.data
+    loaded = load_records(
+        d.path, d.eval_path, d.eval_ratio, d.split_seed, d.format, d.schema, d.fields, d.on_bad_row
+    )
+    if cfg.task == "pretrain":
+        if loaded.schema != "text":
+            raise DataError(
+                f"pretraining reads raw text, but the rows look like '{loaded.schema}'",
+                source=d.path,
+                hint="give rows with a 'text' field, or a .txt file",
+            )
+        texts = [r.values["text"] for r in loaded.train]
+        eval_texts = [r.values["text"] for r in loaded.eval]
+        train_ex = pack_documents(texts, tokenizer, d.chunk_length)
+        eval_ex = pack_documents(eval_texts, tokenizer, d.chunk_length)
+        return train_ex, eval_ex, templates.Template("none", schema="text"), loaded.rejects
+    template = templates.resolve(d.template, loaded.schema, d.prompt_format, d.completion_format)
+    train_ex = encode_records(
+        loaded.train, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt
+    )
+    eval_ex = encode_records(
+        loaded.eval, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt
+    )
+    if count_trainable(train_ex) == 0:
+        raise DataError(
+            "no example has a trained token (every label is masked)",
+            source=d.path,
+            hint="check the template and data.max_length: truncation may cut every completion",
+        )
+    return train_ex, eval_ex, template, loaded.rejects
+
+
+def run(
+    cfg: RunConfig,
+    quiet: bool = False,
+    overwrite: bool = False,
+    resume: str | Path | None = None,
+) -> TrainResult:
+    """Train (sft or pretrain) as `cfg` says and return the result; the run directory holds the rest."""
+    resume_from = None
+    if resume is not None:
+        run_dir = Path(resume)
+        found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise TunelabError(
+                f"no complete checkpoint in {run_dir}/checkpoints", "set train.save_every to write them"
+            )
+        resume_from = found[-1]
+        _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[1]))
+    # Data first: every bad row or setting stops here, before weights are read.
+    cfg = resolve_max_length(cfg)
+    tok_source = (
+        cfg.model.tokenizer
+        or resolve_source(cfg.model.name_or_path).adapter
+        or resolve_source(cfg.model.name_or_path).model
+    )
+    tokenizer = load_tokenizer(tok_source, cfg.model.trust_remote_code)
+    train_ex, eval_ex, template, rejects = _prepare_data(cfg, tokenizer)
+    if resume is None:
+        run_dir = make_run_dir(cfg, overwrite)
+    if rejects:
+        write_rejects(rejects, run_dir / "rejects.jsonl")
+        print(f"set aside {len(rejects)} bad rows in {run_dir / 'rejects.jsonl'}")
+
+    method = cfg.train.method
+    device = pick_device(cfg.model.device)
+    src = resolve_source(cfg.model.name_or_path)
+    model, tokenizer, _ = load_model(
+        cfg.model.name_or_path,
+        cfg.model.dtype,
+        cfg.model.device,
+        cfg.model.attn_implementation,
+        cfg.model.trust_remote_code,
+        cfg.model.init,
+        cfg.model.tokenizer,
+        cfg.train.seed,
+        quantization=quantization_config(method, device),
+        adapter_trainable=method != "full",
+    )
+    if method == "full" and src.adapter:
+        model = (
+            model.merge_and_unload()
+        )  # continuing a LoRA run as a full finetune: start from the merged weights
+    elif method != "full" and not src.adapter:
+        lo = cfg.lora
+        model = apply_lora(model, method, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.modules_to_save)
+
+    # The resolved config: the template is written out, so inference renders exactly like training.
+    resolved = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data,
+            template=template.name,
+            prompt_format=template.prompt_format or None,
+            completion_format=template.completion_format or None,
+        ),
+        out=str(run_dir),
+    )
+    if resume is None:
+        save_config(resolved, run_dir / "config.yaml")
+    return train(
+        model,
+        tokenizer,
+        train_ex,
+        eval_ex,
+        cfg.train,
+        run_dir,
+        template=dataclasses.asdict(template),
+        resume_from=resume_from,
+        quiet=quiet,
+    )
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, forget what was logged after the checkpoint: those steps are about to be redone."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def config_for_resume(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
+    return load_config(path)

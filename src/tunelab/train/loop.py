@@ -1,0 +1,221 @@
+"""The training loop: plain PyTorch over an HF causal LM, read top to bottom.
+
+Pretraining and finetuning both come here; they differ only in how examples became tokens and labels.
+Every optimizer step takes `batch_size` examples, packed padding-free into micro-batches; the loss is
+the mean over the step's trained tokens (summed per micro-batch, divided once), so accumulation gives
+exactly the loss of one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from tunelab.config import TrainConfig
+from tunelab.data.packing import collate, plan_epoch, plan_eval
+from tunelab.data.tokenize import Encoded
+from tunelab.errors import TunelabError
+from tunelab.models import count_parameters, save_model
+from tunelab.train import checkpoint
+from tunelab.train.logger import MetricsLogger
+from tunelab.train.loss import loss_sum
+
+# Dense bf16 peak, for MFU. MFU is reported on GPUs we know; elsewhere it is left out, not guessed.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+class TrainingDiverged(TunelabError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    best_eval_loss: float | None
+    best_step: int | None
+    tokens_per_s: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (1-D tensors), as in GPT-2/LLaMA recipes.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"  # one kernel for the whole update on GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: list[Encoded], micro_batch_tokens: int, device: torch.device) -> float:
+    """Mean loss per trained token over `examples`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for mb in plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens):
+        batch = collate([examples[i] for i in mb]).to(device)
+        total += float(loss_sum(model, batch))
+        count += batch.n_targets
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    train_examples: list[Encoded],
+    eval_examples: list[Encoded],
+    cfg: TrainConfig,
+    run_dir: Path,
+    template: dict[str, Any] | None = None,
+    resume_from: Path | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    # ---- setup
+    device = next(model.parameters()).device
+    lengths = [len(e.input_ids) for e in train_examples]
+    steps_per_epoch = len(
+        plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, 0, shuffle=False)
+    )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 10)
+    seed_everything(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = _optimizer(model, cfg, device)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+    scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
+    trainable, total_params = count_parameters(model)
+    flops_per_token = 6 * total_params  # forward + backward, as in BENCH.md's MFU
+    peak = peak_flops(device)
+    log = MetricsLogger(run_dir, total_steps, quiet, cfg.report_to)
+    log.print(
+        f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {device}; "
+        f"{len(train_examples):,} examples, {steps_per_epoch} steps/epoch, {total_steps} steps"
+    )
+
+    start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
+    if resume_from is not None:
+        meta = checkpoint.load(resume_from, model, optimizer, scheduler)
+        start_step = meta["step"]
+        best_eval = meta.get("best_eval_loss") or math.inf
+        best_step = meta.get("best_step")
+        log.print(f"resumed from {resume_from} at step {start_step}")
+
+    def run_eval(step: int) -> None:
+        nonlocal best_eval, best_step, last_eval
+        if not eval_examples:
+            return
+        last_eval = evaluate(model, eval_examples, cfg.micro_batch_tokens, device)
+        log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
+        if step > 0 and last_eval < best_eval:
+            best_eval, best_step = last_eval, step
+            save_model(model, tokenizer, run_dir / "best", template)
+
+    if start_step == 0:
+        run_eval(0)  # the starting point, so every later number has something to be compared with
+
+    # ---- train
+    plans: dict[int, list[list[list[int]]]] = {}
+    t0 = time.perf_counter()
+    window_tokens, window_time, loss_value, tokens_per_s = 0, 0.0, math.nan, 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(start_step, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
+        micro_batches = [collate([train_examples[i] for i in mb]) for mb in plans[epoch][index]]
+        n_targets = sum(b.n_targets for b in micro_batches)
+        tick = time.perf_counter()
+        step_loss = 0.0
+        for batch in micro_batches:
+            batch = batch.to(device)
+            loss = loss_sum(model, batch) / max(n_targets, 1)
+            if loss.requires_grad:
+                loss.backward()
+            step_loss += float(loss.detach())
+        if not math.isfinite(step_loss):
+            last = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+            log.close()
+            raise TrainingDiverged(
+                f"loss became {step_loss} at step {step + 1}",
+                f"lower train.lr or check the data; last good checkpoint: {last[-1] if last else 'none'}",
+            )
+        grad_norm = None
+        if cfg.grad_clip:
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        window_time += time.perf_counter() - tick
+        window_tokens += sum(b.n_tokens for b in micro_batches)
+        loss_value = step_loss
+        done = step + 1
+
+        if done % cfg.log_every == 0 or done == total_steps:
+            tokens_per_s = window_tokens / max(window_time, 1e-9)
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 4),
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "elapsed_s": elapsed,
+                "eta_s": elapsed / (done - start_step) * (total_steps - done),
+                "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda"
+                else None,
+            }
+            log.log(record)
+            window_tokens, window_time = 0, 0.0
+        log.advance(done, f"loss {loss_value:.4f}")
+        if eval_every and done % eval_every == 0 and done != total_steps:
+            run_eval(done)
+        if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
+            meta = {"best_eval_loss": best_eval if best_step else None, "best_step": best_step}
+            checkpoint.save(run_dir / "checkpoints", done, model, optimizer, scheduler, meta, cfg.keep_last)
+
+    # ---- finish
+    run_eval(total_steps)
+    save_model(model, tokenizer, run_dir / "final", template)
+    log.close()
+    return TrainResult(
+        run_dir=run_dir,
+        steps=total_steps,
+        final_loss=loss_value,
+        eval_loss=last_eval,
+        best_eval_loss=best_eval if best_step else None,
+        best_step=best_step,
+        tokens_per_s=tokens_per_s,
+    )

@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny BPE tokenizer and tiny random-weight Llama / GPT-NeoX / Qwen2 models, built
+in-process (no network), plus small Q/A files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "### Question:\nWhat is the capital of France?\n\n### Answer:\nThe capital of France is Paris.",
+    "### Question:\nWhat is the capital of Peru?\n\n### Answer:\nThe capital of Peru is Lima.",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "the quick brown fox jumps over the lazy dog 0123456789",
+    "Japan Tokyo Kenya Nairobi Chile Santiago Egypt Cairo India New Delhi Spain Madrid",
+]
+COUNTRIES = [
+    ("France", "Paris"), ("Peru", "Lima"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Chile", "Santiago"),
+    ("Egypt", "Cairo"), ("India", "New Delhi"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Canada", "Ottawa"),
+    ("Ghana", "Accra"), ("Nepal", "Kathmandu"),
+]  # fmt: skip
+
+
+def build_tokenizer(out: Path, chat_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model(kind: str, tokenizer, out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes = {
+        "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+        "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=512, use_parallel_residual=True),
+        "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    }[kind]  # fmt: skip
+    config = AutoConfig.for_model(
+        kind,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **shapes,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {k: build_model(k, tokenizer, root / k) for k in ("llama", "gpt_neox", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    rows = [
+        {"question": f"What is the capital of {c}?", "answer": f"The capital of {c} is {cap}."}
+        for c, cap in COUNTRIES
+    ]
+    return write_jsonl(tmp_path / "qa.jsonl", rows * 3)
