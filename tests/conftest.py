@@ -109,8 +109,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def qa_file(tmp_path) -> Path:
+    wordings = ("What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}.")
     rows = [
-        {"question": f"What is the capital of {c}?", "answer": f"The capital of {c} is {cap}."}
+        {"question": w.format(c=c), "answer": f"The capital of {c} is {cap}."}
+        for w in wordings
         for c, cap in COUNTRIES
     ]
-    return write_jsonl(tmp_path / "qa.jsonl", rows * 3)
+    return write_jsonl(tmp_path / "qa.jsonl", rows)  # 36 distinct rows

@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from tunelab.config import packaged_config
 from tunelab.errors import TunelabError
+
+__all__ = ["main", "packaged_config"]
 
 DEFAULT_SFT_CONFIG = "world-qa.yaml"  # what `tunelab train` with nothing else runs (the shipped default)
 
@@ -22,12 +25,6 @@ def _split_overrides(extra: list[str]) -> list[str]:
     for a in extra:  # "--train.lr 1e-4" is accepted too
         out.append(a)
     return out
-
-
-def packaged_config(name: str) -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("tunelab") / "configs" / name))
 
 
 def _train_config(args: argparse.Namespace, extra: list[str], task: str):
@@ -132,7 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="auto")
     g.add_argument("--raw", action="store_true", help="send the text as-is, without the template")
+
+    # Other commands live beside the code they drive; each module has `register(sub)`, which adds its
+    # parser with `set_defaults(func=handler)`; a handler takes the parsed args and returns an exit code.
+    import importlib
+
+    for module in EXTRA_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
+
+
+# Modules that add subcommands (one line each).
+EXTRA_COMMANDS: list[str] = [
+    "tunelab.world.demo",
+    "tunelab.data.check_cli",
+    "tunelab.export",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "generate":
             return cmd_generate(args)
+        return int(args.func(args) or 0)
     except TunelabError as e:
         print(f"error: {e.message}", file=sys.stderr)
         if e.hint:

@@ -59,6 +59,9 @@ class DataConfig:
     # Which end of an over-long example is cut: "right" drops its tail, "left" its head.
     truncation_side: Literal["right", "left"] = "right"
     on_bad_row: Literal["error", "skip"] = "error"
+    # The pre-flight data check (`tunelab data check`) before training: "block" refuses blocking
+    # problems (no EOS, every label masked, eval leaked into train), "warn" only prints them.
+    check: Literal["block", "warn", "off"] = "block"
     # Pretraining: documents are joined with EOS and cut into chunks of this many tokens.
     chunk_length: int = 256
 
@@ -292,6 +295,13 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.task == "pretrain" and d.chunk_length < 2:
         raise ConfigError(f"data.chunk_length: got {d.chunk_length}, expected at least 2")
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped inside the package (src/tunelab/configs, also linked as ./configs)."""
+    from importlib.resources import files
+
+    return Path(str(files("tunelab") / "configs" / name))
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

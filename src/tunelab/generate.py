@@ -18,6 +18,14 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoft
 
 
 @dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop": a stop token or stop string ended it; "length": it hit max_new_tokens
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens before the stop (the stop token itself not counted)
+
+
+@dataclass
 class Generator:
     model: Any
     tokenizer: Any
@@ -52,7 +60,6 @@ class Generator:
         ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
         return sorted(ids)
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: list[str],
@@ -64,6 +71,23 @@ class Generator:
         raw: bool = False,
     ) -> list[str]:
         """Greedy by default. `raw=True` skips the template (the text is already a full prompt)."""
+        details = self.generate_detailed(prompts, max_new_tokens, temperature, top_p, seed, batch_size, raw)
+        return [d.text for d in details]
+
+    @torch.no_grad()
+    def generate_detailed(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 32,
+        raw: bool = False,
+        stop_strings: list[str] | None = None,
+    ) -> list[Generation]:
+        """As `generate`, plus why each generation ended and its token counts. `stop_strings` also end
+        a generation (the text is cut before them), e.g. the next question of a few-shot prompt."""
         from tunelab.data.tokenize import special_prefix
 
         tok = self.tokenizer
@@ -72,7 +96,7 @@ class Generator:
             torch.manual_seed(seed)
         prefix = [] if (self.template is not None and self.template.name == "chat") else special_prefix(tok)
         stops = self.stop_ids()
-        outputs: list[str] = []
+        outputs: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             ids = [
@@ -95,10 +119,19 @@ class Generator:
                 top_k=None,
                 eos_token_id=stops,
                 pad_token_id=pad,
+                stop_strings=stop_strings or None,
+                tokenizer=tok if stop_strings else None,
             )
-            for row in out[:, width:].tolist():
-                cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-                outputs.append(tok.decode(row[:cut], skip_special_tokens=True))
+            for prompt_ids, row in zip(ids, out[:, width:].tolist()):
+                cut = next((k for k, t in enumerate(row) if t in stops), None)
+                text = tok.decode(row[:cut], skip_special_tokens=True)
+                n = len(row) if cut is None else cut
+                hit = min((text.index(s) for s in stop_strings or () if s in text), default=None)
+                if hit is not None:
+                    text = text[:hit]
+                    n = len(tok(text, add_special_tokens=False)["input_ids"])
+                reason = "length" if cut is None and hit is None else "stop"
+                outputs.append(Generation(text, reason, len(prompt_ids), n))
         return outputs
 
 

@@ -44,6 +44,10 @@ def resolve_source(name_or_path: str) -> ModelSource:
     """'world' -> the shipped base; a run dir -> its final/ (base + adapter when it holds one)."""
     if name_or_path == "world":
         return ModelSource(str(world_base_path()))
+    if name_or_path.startswith("world:"):
+        from tunelab.world.build import resolve_world_path
+
+        return ModelSource(resolve_world_path(name_or_path))
     p = Path(name_or_path)
     if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():
         final = p / "final"
@@ -151,9 +155,12 @@ def load_model(
         return model.to(dev), tok, ModelSource("(new weights)")
     src = resolve_source(name_or_path)
     tok = load_tokenizer(tokenizer or src.adapter or src.model, trust_remote_code)
+    # A local base is loaded by its absolute path: PEFT records it as the adapter's
+    # base_model_name_or_path, which must work from any directory.
+    base = str(Path(src.model).resolve()) if Path(src.model).is_dir() else src.model
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            src.model,
+            base,
             dtype=torch_dtype,
             attn_implementation=attn,
             trust_remote_code=trust_remote_code,
@@ -207,6 +214,8 @@ def apply_lora(
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if target_modules == ["all-linear"]:  # `--lora.target_modules=all-linear` parses as a one-item list
+        target_modules = "all-linear"
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import RunConfig, load_config, save_config
-from tunelab.data import templates
+from tunelab.data import check, templates
 from tunelab.data.dataset import count_trainable, encode_records, load_records, pack_documents
 from tunelab.data.formats import write_rejects
 from tunelab.errors import ConfigError, DataError, TunelabError
@@ -24,7 +24,7 @@ from tunelab.models import (
     resolve_source,
 )
 from tunelab.train import checkpoint
-from tunelab.train.loop import TrainResult, train
+from tunelab.train.loop import TrainResult, seed_everything, train
 
 
 def make_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
@@ -90,6 +90,7 @@ def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.T
         eval_ex = pack_documents(eval_texts, tokenizer, d.chunk_length)
         return train_ex, eval_ex, templates.Template("none", schema="text"), loaded.rejects
     template = templates.resolve(d.template, loaded.schema, d.prompt_format, d.completion_format)
+    check.preflight(d.check, loaded, template, tokenizer, check.settings_from_config(cfg))
     train_ex = encode_records(
         loaded.train, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt
     )
@@ -121,25 +122,25 @@ def run(
                 f"no complete checkpoint in {run_dir}/checkpoints", "set train.save_every to write them"
             )
         resume_from = found[-1]
-        _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[1]))
+        # metrics.jsonl as it was at the checkpoint: what came after is about to be redone.
+        if not checkpoint.restore_metrics(resume_from, run_dir / "metrics.jsonl"):
+            _trim_metrics(run_dir / "metrics.jsonl", checkpoint.step_of(resume_from))
     # Data first: every bad row or setting stops here, before weights are read.
     cfg = resolve_max_length(cfg)
-    tok_source = (
-        cfg.model.tokenizer
-        or resolve_source(cfg.model.name_or_path).adapter
-        or resolve_source(cfg.model.name_or_path).model
-    )
+    tok_src = resolve_source(cfg.model.tokenizer or cfg.model.name_or_path)
+    tok_source = tok_src.adapter or tok_src.model
     tokenizer = load_tokenizer(tok_source, cfg.model.trust_remote_code)
     train_ex, eval_ex, template, rejects = _prepare_data(cfg, tokenizer)
+    method = cfg.train.method
+    device = pick_device(cfg.model.device)
+    quantization = quantization_config(method, device)  # QLoRA without a GPU stops before a run dir exists
     if resume is None:
         run_dir = make_run_dir(cfg, overwrite)
     if rejects:
         write_rejects(rejects, run_dir / "rejects.jsonl")
         print(f"set aside {len(rejects)} bad rows in {run_dir / 'rejects.jsonl'}")
 
-    method = cfg.train.method
-    device = pick_device(cfg.model.device)
-    src = resolve_source(cfg.model.name_or_path)
+    src = resolve_source(cfg.model.name_or_path) if cfg.model.init is None else None
     model, tokenizer, _ = load_model(
         cfg.model.name_or_path,
         cfg.model.dtype,
@@ -149,15 +150,16 @@ def run(
         cfg.model.init,
         cfg.model.tokenizer,
         cfg.train.seed,
-        quantization=quantization_config(method, device),
+        quantization=quantization,
         adapter_trainable=method != "full",
     )
-    if method == "full" and src.adapter:
+    if method == "full" and src is not None and src.adapter:
         model = (
             model.merge_and_unload()
         )  # continuing a LoRA run as a full finetune: start from the merged weights
-    elif method != "full" and not src.adapter:
+    elif method != "full" and not (src is not None and src.adapter):
         lo = cfg.lora
+        seed_everything(cfg.train.seed)  # the adapter's init draws from torch's RNG: same config, same start
         model = apply_lora(model, method, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.modules_to_save)
 
     # The resolved config: the template is written out, so inference renders exactly like training.
@@ -190,11 +192,14 @@ def _trim_metrics(path: Path, step: int) -> None:
     """On resume, forget what was logged after the checkpoint: those steps are about to be redone."""
     if not path.exists():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank, or cut in half by the kill
+        if record.get("step", 0) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 

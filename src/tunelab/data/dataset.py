@@ -43,7 +43,9 @@ def _records(
     fields: dict[str, str],
     on_bad_row: Literal["error", "skip"],
 ) -> tuple[str, list[Record], list[Reject]]:
-    read = formats.read_rows(path, fmt, on_bad_row)
+    from tunelab.world.build import resolve_world_path
+
+    read = formats.read_rows(resolve_world_path(path), fmt, on_bad_row)
     name = schema.detect_schema(read.rows, fields) if schema_name == "auto" else schema_name
     records, rejects = [], list(read.rejects)
     for row in read.rows:

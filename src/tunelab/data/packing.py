@@ -18,11 +18,11 @@ from tunelab.data.tokenize import IGNORE, Encoded
 
 @dataclass
 class PackedBatch:
-    input_ids: torch.Tensor  # [1, T]
-    position_ids: torch.Tensor  # [1, T]
-    targets: torch.Tensor  # [1, T], already shifted; IGNORE where no loss
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L], restarting at 0 for every example
+    targets: torch.Tensor  # [R, L], already shifted; IGNORE where no loss (and on row padding)
     n_examples: int
-    n_tokens: int  # real tokens (there is no padding)
+    n_tokens: int  # real tokens (row padding not counted)
     n_targets: int  # tokens that carry loss
 
     def to(self, device: torch.device | str) -> PackedBatch:
@@ -36,19 +36,61 @@ class PackedBatch:
         )
 
 
-def collate(examples: list[Encoded]) -> PackedBatch:
-    ids: list[int] = []
-    pos: list[int] = []
-    tgt: list[int] = []
-    for ex in examples:
+def _rows(examples: list[Encoded], capacity: int | None) -> list[list[Encoded]]:
+    """First-fit-decreasing into rows of `capacity` tokens (None: everything in one row)."""
+    if capacity is None:
+        return [examples]
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
         n = len(ex.input_ids)
-        ids.extend(ex.input_ids)
-        pos.extend(range(n))
-        tgt.extend(ex.labels[1:])
-        tgt.append(IGNORE)  # the last token of an example predicts nothing
-    t = torch.tensor
-    n_targets = sum(v != IGNORE for v in tgt)
-    return PackedBatch(t([ids]), t([pos]), t([tgt]), len(examples), len(ids), n_targets)
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(ex)
+                room[r] -= n
+                break
+        else:
+            rows.append([ex])
+            room.append(capacity - n)
+    return rows
+
+
+def collate(examples: list[Encoded], one_row: bool = True) -> PackedBatch:
+    """Pack examples into one row (for varlen attention kernels: no padding at all), or into several
+    rows as long as the longest example (for dense-mask attention, e.g. SDPA on CPU, whose cost grows
+    with the square of the row length), padding rows to equal length."""
+    capacity = None if one_row else max(len(e.input_ids) for e in examples)
+    ids_rows, pos_rows, tgt_rows = [], [], []
+    for row in _rows(examples, capacity):
+        ids: list[int] = []
+        pos: list[int] = []
+        tgt: list[int] = []
+        for ex in row:
+            n = len(ex.input_ids)
+            ids.extend(ex.input_ids)
+            pos.extend(range(n))
+            tgt.extend(ex.labels[1:])
+            tgt.append(IGNORE)  # the last token of an example predicts nothing
+        ids_rows.append(ids)
+        pos_rows.append(pos)
+        tgt_rows.append(tgt)
+    width = max(len(r) for r in ids_rows)
+    n_tokens = sum(len(r) for r in ids_rows)
+    for ids, pos, tgt in zip(ids_rows, pos_rows, tgt_rows):
+        pad = width - len(ids)
+        # Padding is a sequence of its own (positions from 0), so no real token attends to it.
+        ids.extend([0] * pad)
+        pos.extend(range(pad))
+        tgt.extend([IGNORE] * pad)
+    targets = torch.tensor(tgt_rows)
+    return PackedBatch(
+        torch.tensor(ids_rows),
+        torch.tensor(pos_rows),
+        targets,
+        len(examples),
+        n_tokens,
+        int((targets != IGNORE).sum()),
+    )
 
 
 def plan_epoch(

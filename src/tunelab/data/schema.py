@@ -6,6 +6,7 @@ messages, text) to validated values. The schema is detected from the column name
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,11 @@ class Record:
     values: dict[str, Any]  # role -> str (or list of messages)
 
 
-def detect_schema(rows: list[Row], fields: dict[str, str]) -> str:
-    """Pick the schema whose required columns the first rows have (after the explicit mapping)."""
+def detect_schema(rows: list[Row], fields: dict[str, str], source: str | None = None) -> str:
+    """Pick the schema whose required columns the first rows have (after the explicit mapping).
+    `source` names the file in the error when there are no rows to look at."""
     if not rows:
-        raise DataError("no rows to read", hint="the file is empty or every row was rejected")
+        raise DataError("no rows to read", source=source, hint="the file is empty or every row was rejected")
     mapped = set(fields)
     keys: set[str] = set()
     for row in rows[:20]:
@@ -66,8 +68,19 @@ def detect_schema(rows: list[Row], fields: dict[str, str]) -> str:
     )
 
 
+# A lone surrogate (JSON can spell one as "\ud800") is not text any tokenizer can encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _as_text(value: Any, row: Row, column: str) -> str:
     if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise DataError(
+                "holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text",
+                source=row.source,
+                line=row.line,
+                field=column,
+            )
         return value
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
         shown = "null" if value is None else type(value).__name__

@@ -1,22 +1,40 @@
 """Full training state on disk, written atomically, so a run can resume exactly.
 
-A checkpoint is written to `step-NNNNNN.tmp/` and renamed only when complete: a kill at any moment
-leaves either a whole checkpoint or a `.tmp` folder that resume ignores.
+A checkpoint holds what training changes (all weights for a full finetune, only the adapter for LoRA),
+the optimizer and scheduler states, every RNG state (LoRA dropout draws from torch's), the metrics
+logged so far, and meta.json (step, epoch, best eval so far, a fingerprint of the training data). The
+data position needs no more than the step: each epoch's order is a pure function of (seed, epoch).
+
+It is written to `step-NNNNNN.tmp/`, every file fsynced, then renamed: a kill at any moment leaves
+either a whole checkpoint or a `.tmp` folder that resume ignores and the next save removes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import random
+import re
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tunelab.errors import TunelabError
+
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
+METRICS_FILE = "metrics.jsonl"
+# Tests only: `TUNELAB_TEST_SLOW_CHECKPOINT=STEP` pauses that step's save after its files are written
+# and before the rename, so a test can kill the process at the worst moment.
+SLOW_ENV = "TUNELAB_TEST_SLOW_CHECKPOINT"
+_NAME = re.compile(r"step-(\d+)")
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -39,6 +57,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fingerprint(examples: list[Any]) -> str:
+    """A hash of the encoded training data, so resuming on changed data is refused, not silently wrong."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(e.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk: a rename is only durable after its contents are."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on Windows; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh `<final>.tmp` folder to write into; on success it replaces `final` whole."""
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a killed write
+    tmp.mkdir(parents=True)
+    yield tmp
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)  # atomic on one filesystem
+    _fsync(final.parent)
+
+
 def save(
     folder: Path,
     step: int,
@@ -47,45 +105,70 @@ def save(
     scheduler: Any,
     meta: dict[str, Any],
     keep_last: int,
+    metrics: Path | None = None,
 ) -> Path:
+    """Write checkpoint `step` and keep only the newest `keep_last` (all of them when < 1)."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:06d}"
-    tmp = folder / f"step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(
-        {
-            "model": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-        },
-        tmp / STATE_FILE,
-    )
-    (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # atomic on one filesystem: the checkpoint exists whole or not at all
-    for old in complete_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
+    for stale in folder.glob("step-*.tmp"):
+        shutil.rmtree(stale)  # a write a kill interrupted; one run has one writer
+    # The newest complete checkpoint is older than `step` (resume starts from it), so a folder already
+    # named like this one was never completed and atomic_dir may replace it.
+    with atomic_dir(folder / f"step-{step:06d}") as tmp:
+        torch.save(
+            {
+                "model": _trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+            tmp / STATE_FILE,
+        )
+        if metrics is not None and metrics.exists():
+            shutil.copyfile(metrics, tmp / METRICS_FILE)
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
+        if os.environ.get(SLOW_ENV) == str(step):
+            (tmp / "PAUSED").touch()
+            time.sleep(60)
+            (tmp / "PAUSED").unlink()
+    done = complete_checkpoints(folder)
+    # Pruned only after the new one is whole, so the newest complete checkpoint always survives.
+    for old in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
-    return final
+    return folder / f"step-{step:06d}"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (`.tmp` folders are writes that never completed)."""
     if not folder.is_dir():
         return []
-    done = [
-        p
-        for p in folder.glob("step-*")
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / META_FILE).exists()
-    ]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in folder.iterdir() if _NAME.fullmatch(p.name) and (p / META_FILE).exists()]
+    return sorted(done, key=step_of)
+
+
+def restore_metrics(path: Path, metrics: Path) -> bool:
+    """Put back metrics.jsonl as it was at the checkpoint; False if the checkpoint holds no copy."""
+    saved = path / METRICS_FILE
+    if not saved.exists():
+        return False
+    shutil.copyfile(saved, metrics)
+    return True
 
 
 def load(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG states; returns meta.json."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state["model"]) != set(params):
+        missing, unexpected = set(params) - set(state["model"]), set(state["model"]) - set(params)
+        raise TunelabError(
+            f"checkpoint {path} does not fit this model: {len(missing)} trainable tensors missing "
+            f"(e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})",
+            "resume with the run's own config.yaml (same model, train.method and lora settings)",
+        )
     with torch.no_grad():
         for name, value in state["model"].items():
             params[name].copy_(value.to(params[name].device))

@@ -69,14 +69,22 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
 
 
+def varlen_attention(model: Any) -> bool:
+    """Flash-attention kernels take packed rows by position ids with no mask: one row, no padding.
+    Dense-mask attention (SDPA/eager, e.g. on CPU) pays for the square of the row length, so there
+    each micro-batch becomes rows as long as its longest example instead."""
+    return str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+
+
 @torch.no_grad()
 def evaluate(model: Any, examples: list[Encoded], micro_batch_tokens: int, device: torch.device) -> float:
     """Mean loss per trained token over `examples`."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    one_row = varlen_attention(model)
     for mb in plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens):
-        batch = collate([examples[i] for i in mb]).to(device)
+        batch = collate([examples[i] for i in mb], one_row).to(device)
         total += float(loss_sum(model, batch))
         count += batch.n_targets
     model.train(was_training)
@@ -112,6 +120,7 @@ def train(
     trainable, total_params = count_parameters(model)
     flops_per_token = 6 * total_params  # forward + backward, as in BENCH.md's MFU
     peak = peak_flops(device)
+    one_row = varlen_attention(model)
     log = MetricsLogger(run_dir, total_steps, quiet, cfg.report_to)
     log.print(
         f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {device}; "
@@ -119,12 +128,21 @@ def train(
     )
 
     start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
+    data_id = checkpoint.fingerprint(train_examples)
     if resume_from is not None:
+        # Weights/adapter, optimizer, scheduler and the RNG states (after seed_everything, so they win).
         meta = checkpoint.load(resume_from, model, optimizer, scheduler)
+        if (meta.get("data"), meta.get("total_steps")) != (data_id, total_steps):
+            log.close()
+            raise TunelabError(
+                f"cannot resume from {resume_from}: the training data or the step count changed since",
+                "resume with the same data and config, or start a new run with --from",
+            )
         start_step = meta["step"]
         best_eval = meta.get("best_eval_loss") or math.inf
         best_step = meta.get("best_step")
         log.print(f"resumed from {resume_from} at step {start_step}")
+        log.advance(start_step)
 
     def run_eval(step: int) -> None:
         nonlocal best_eval, best_step, last_eval
@@ -134,7 +152,8 @@ def train(
         log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
-            save_model(model, tokenizer, run_dir / "best", template)
+            with checkpoint.atomic_dir(run_dir / "best") as tmp:  # never half-written, even if killed
+                save_model(model, tokenizer, tmp, template)
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
@@ -149,7 +168,7 @@ def train(
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in plans:
             plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
-        micro_batches = [collate([train_examples[i] for i in mb]) for mb in plans[epoch][index]]
+        micro_batches = [collate([train_examples[i] for i in mb], one_row) for mb in plans[epoch][index]]
         n_targets = sum(b.n_targets for b in micro_batches)
         tick = time.perf_counter()
         step_loss = 0.0
@@ -203,12 +222,21 @@ def train(
         if eval_every and done % eval_every == 0 and done != total_steps:
             run_eval(done)
         if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-            meta = {"best_eval_loss": best_eval if best_step else None, "best_step": best_step}
-            checkpoint.save(run_dir / "checkpoints", done, model, optimizer, scheduler, meta, cfg.keep_last)
+            meta = {
+                "epoch": round(done / steps_per_epoch, 4),
+                "total_steps": total_steps,
+                "data": data_id,
+                "best_eval_loss": best_eval if best_step else None,
+                "best_step": best_step,
+            }
+            checkpoint.save(
+                run_dir / "checkpoints", done, model, optimizer, scheduler, meta, cfg.keep_last, log.path
+            )
 
     # ---- finish
     run_eval(total_steps)
-    save_model(model, tokenizer, run_dir / "final", template)
+    with checkpoint.atomic_dir(run_dir / "final") as tmp:
+        save_model(model, tokenizer, tmp, template)
     log.close()
     return TrainResult(
         run_dir=run_dir,

@@ -16,34 +16,38 @@ from tunelab.data.packing import PackedBatch
 from tunelab.data.tokenize import IGNORE
 
 
-def loss_sum(model: Any, batch: PackedBatch) -> torch.Tensor:
-    """Sum (not mean) of token cross-entropies, so micro-batches add up to the exact step mean."""
-    targets = batch.targets[0]
-    keep = (targets != IGNORE).nonzero().squeeze(-1)
-    if keep.numel() == 0:
-        return batch.input_ids.new_zeros((), dtype=torch.float32)
+def _logits(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets at the positions where some row has a target: [R, n, V] and [R, n]."""
+    keep = (batch.targets != IGNORE).any(0).nonzero().squeeze(-1)
     out = model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
         use_cache=False,
         logits_to_keep=keep,
     )
-    logits = out.logits[0].float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum")
+    return out.logits.float(), batch.targets[:, keep]
+
+
+def loss_sum(model: Any, batch: PackedBatch) -> torch.Tensor:
+    """Sum (not mean) of token cross-entropies, so micro-batches add up to the exact step mean."""
+    if batch.n_targets == 0:
+        return torch.zeros((), device=batch.input_ids.device)
+    logits, targets = _logits(model, batch)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def per_example_loss(model: Any, batch: PackedBatch) -> list[float]:
-    """Mean loss of each example in the batch (for tests and error analysis)."""
-    targets = batch.targets[0]
-    keep = (targets != IGNORE).nonzero().squeeze(-1)
-    out = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep
-    )
-    losses = F.cross_entropy(out.logits[0].float(), targets[keep], reduction="none")
-    example_of = (batch.position_ids[0] == 0).cumsum(0) - 1
-    ids = example_of[keep]
+    """Mean loss of each example in the batch, in row order (for tests and error analysis)."""
+    keep = (batch.targets != IGNORE).any(0).nonzero().squeeze(-1)
+    logits, targets = _logits(model, batch)
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    starts = (batch.position_ids == 0) & (batch.input_ids >= 0)
+    example_of = starts.flatten().cumsum(0).view_as(batch.position_ids) - 1  # example index per token
+    ids = example_of[:, keep]
+    valid = targets != IGNORE
     result = []
-    for e in range(batch.n_examples):
-        sel = losses[ids == e]
-        result.append(float(sel.mean()) if sel.numel() else float("nan"))
+    for e in range(int(example_of.max()) + 1):
+        sel = losses[(ids == e) & valid]
+        if sel.numel():
+            result.append(float(sel.mean()))
     return result

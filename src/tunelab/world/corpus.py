@@ -164,10 +164,10 @@ def build_corpus(
     """
     if docs_per_country < 1:
         raise ValueError(f"docs_per_country must be >= 1, got {docs_per_country}")
-    if len(countries) < 6:
-        raise ValueError(f"need at least 6 countries for homework sheets, got {len(countries)}")
-    rng = random.Random(seed)
     n_sheets = 3 * len(countries) if homework_sheets is None else homework_sheets
+    if n_sheets and len(countries) < 6:
+        raise ValueError(f"homework sheets ask about up to 6 countries; got only {len(countries)}")
+    rng = random.Random(seed)
     docs: list[str] = []
     for country in countries:
         docs.extend(country_documents(country, docs_per_country, rng))

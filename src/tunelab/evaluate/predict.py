@@ -1,0 +1,357 @@
+"""One contender through the test set: render each question with the run's template, generate, score,
+analyse errors, and measure held-out loss on the references.
+
+A contender is a model name (run directory, HF folder, hub id, 'world') or `fewshot:K:MODEL`: MODEL
+prompted with K training examples before each question, so "prompt engineering or finetuning?" is
+answered on the user's own data.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tunelab.data import formats, schema, templates
+from tunelab.data.schema import COMPLETION_ROLE, PROMPT_ROLE, Record
+from tunelab.data.templates import Segment, Template
+from tunelab.errors import DataError, TunelabError
+from tunelab.evaluate import errors as error_rules
+from tunelab.evaluate.metrics import Metric, score
+
+SHOT_SEPARATOR = "\n\n"
+
+
+@dataclass
+class Example:
+    question: str  # the user's text, shown in tables and checked by copies_prompt
+    reference: str
+    record: Record  # validated row, rendered exactly as training renders it
+    schema: str
+    row: dict[str, Any]  # every column of the row, for --group-by and display
+
+
+def examples_from_rows(rows: list[dict[str, Any]], source: str = "<rows>") -> list[Example]:
+    """Rows with `question`/`answer` (or any schema tunelab trains on, except raw text)."""
+    wrapped = [formats.Row(source, i, r) for i, r in enumerate(rows, start=1)]
+    name = schema.detect_schema(wrapped, {}, source)
+    if name == "text":
+        raise DataError(
+            "evaluation needs prompt/answer pairs, but the rows are raw text",
+            source=source,
+            hint="give rows with question/answer (or instruction/output, prompt/completion, messages)",
+        )
+    out = []
+    for row in wrapped:
+        rec = schema.to_record(row, name, {})
+        if name == "messages":
+            msgs = rec.values["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            question = next((m["content"] for m in reversed(msgs[:last]) if m["role"] == "user"), "")
+            reference = msgs[last]["content"]
+        else:
+            question = rec.values[PROMPT_ROLE[name]]
+            if name == "alpaca" and rec.values.get("input", "").strip():
+                question = f"{question}\n\n{rec.values['input']}"
+            reference = rec.values[COMPLETION_ROLE[name]]
+        out.append(Example(question, reference, rec, name, row.data))
+    return out
+
+
+def read_examples(path: str, limit: int | None = None) -> list[Example]:
+    """A test file in any format `tunelab train` reads (`world:heldout.jsonl` for the shipped one)."""
+    from tunelab.world.build import resolve_world_path
+
+    read = formats.read_rows(resolve_world_path(path))
+    rows = [r.data for r in read.rows[:limit]]
+    if not rows:
+        raise DataError("no rows to evaluate", source=path)
+    examples = examples_from_rows(rows, path)
+    for ex, r in zip(examples, read.rows):  # keep the file's own line numbers in messages
+        ex.record = replace(ex.record, line=r.line)
+    return examples
+
+
+@dataclass(frozen=True)
+class Contender:
+    spec: str  # as the user wrote it
+    model: str  # what `load_model` reads
+    shots: int = 0
+
+
+def parse_contender(spec: str) -> Contender:
+    if spec.startswith("fewshot:"):
+        _, k, model = (spec.split(":", 2) + ["", ""])[:3]
+        if not k.isdigit() or int(k) < 1 or not model:
+            raise TunelabError(
+                f"'{spec}' is not of the form fewshot:K:MODEL", "e.g. fewshot:5:world (5 training examples)"
+            )
+        return Contender(spec, model, int(k))
+    return Contender(spec, spec)
+
+
+def label_for(spec: str) -> str:
+    """A short column name: a path's last part, a hub id as is."""
+    c = parse_contender(spec)
+    p = Path(c.model)
+    name = p.name if p.exists() else c.model
+    if name == "final" and p.exists():
+        name = p.parent.name
+    return f"{c.shots}-shot {name}" if c.shots else name
+
+
+def own_template(model: str) -> Template | None:
+    """The template saved with a model, read without loading weights."""
+    from tunelab.models import load_template, resolve_source
+
+    try:
+        src = resolve_source(model)
+    except TunelabError:
+        return None
+    saved = load_template(src.adapter or src.model)
+    return Template(**saved) if saved else None
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0  # sampling and the choice of few-shot examples
+    batch_size: int = 16
+    device: str = "auto"
+    # None: each model's own template, and for a model without one (a base model) the first template
+    # found among the contenders, so base and finetuned see the same prompt. Or a builtin name.
+    template: str | None = None
+    metrics: list[str] = field(default_factory=list)  # user metrics, module:function
+    format_regex: str | None = None
+    with_loss: bool = True
+    micro_batch_tokens: int = 8192
+    progress: bool = False
+
+
+@dataclass
+class Prediction:
+    index: int
+    prompt: str  # the full text the model saw
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    scores: dict[str, float]
+    errors: list[str]
+
+
+@dataclass
+class ModelResult:
+    label: str
+    spec: str
+    template: str | None
+    loss: float | None
+    predictions: list[Prediction]
+    run_dir: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def perplexity(self) -> float | None:
+        return None if self.loss is None else math.exp(min(self.loss, 50.0))
+
+    def scores(self, metric: str) -> list[float]:
+        return [p.scores.get(metric, math.nan) for p in self.predictions]
+
+
+def _as_template_record(ex: Example, template: Template) -> Record:
+    """The example in the template's own schema (a QA test file through an Alpaca run, say)."""
+    if template.name == "chat":
+        msgs = ex.record.values["messages"] if ex.schema == "messages" else []
+        if not msgs:
+            msgs = [{"role": "user", "content": ex.question}, {"role": "assistant", "content": ex.reference}]
+        return replace(ex.record, values={"messages": msgs})
+    if ex.schema == template.schema:
+        return ex.record
+    role = PROMPT_ROLE.get(template.schema, "prompt")
+    target = COMPLETION_ROLE.get(template.schema, "completion")
+    return replace(ex.record, values={role: ex.question, target: ex.reference})
+
+
+def segments(ex: Example, template: Template | None, tokenizer: Any, shots: list[Example]) -> list[Segment]:
+    """The example as text segments; only the final answer is trained (scored by the eval loss), and
+    everything before it is the prompt the model generates from."""
+    if template is None or template.name == "none":
+        return [Segment(ex.question, False), Segment(ex.reference, True)]
+    if template.name == "chat":
+        turns = []
+        for s in shots:
+            turns += [{"role": "user", "content": s.question}, {"role": "assistant", "content": s.reference}]
+        rec = _as_template_record(ex, template)
+        rec = replace(rec, values={"messages": turns + rec.values["messages"]})
+        segs = templates.render(rec, template, tokenizer)
+    else:
+        segs = []
+        for s in shots:
+            segs += templates.render(_as_template_record(s, template), template, tokenizer)
+            segs.append(Segment(SHOT_SEPARATOR, False))
+        segs += templates.render(_as_template_record(ex, template), template, tokenizer)
+    last = max(i for i, s in enumerate(segs) if s.train)
+    return [Segment(s.text, s.train and i == last) for i, s in enumerate(segs[: last + 1])]
+
+
+def shot_stop(template: Template | None) -> str:
+    """Where the next few-shot example would start: a few-shot answer ends there."""
+    if template is None or template.name in ("chat", "none"):
+        return SHOT_SEPARATOR
+    head = template.prompt_format.split("{", 1)[0].strip().split("\n", 1)[0].strip()
+    return head or SHOT_SEPARATOR
+
+
+def pick_shots(pool: list[Example], k: int, seed: int, test: list[Example]) -> list[Example]:
+    """K training examples, seeded, never one whose question is also a test question (leakage)."""
+    asked = {e.question.strip() for e in test}
+    usable = [e for e in pool if e.question.strip() not in asked]
+    if len(usable) < k:
+        raise TunelabError(
+            f"few-shot needs {k} training examples not in the test set, found {len(usable)}",
+            "give more rows with --train-data, or a smaller K",
+        )
+    return random.Random(seed).sample(usable, k)
+
+
+def held_out_loss(
+    model: Any, tokenizer: Any, segs: list[list[Segment]], chat: bool, micro_batch_tokens: int
+) -> float:
+    """Mean loss per answer token with the training loop's own `evaluate`."""
+    from tunelab.data.tokenize import encode
+    from tunelab.train.loop import evaluate
+
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    # Left truncation: a long (few-shot) prompt loses its head, never the answer being scored.
+    encoded = [encode(s, tokenizer, limit, "left", add_eos=not chat, add_prefix=not chat) for s in segs]
+    device = next(model.parameters()).device
+    longest = max((len(e.input_ids) for e in encoded), default=1)
+    return evaluate(model, encoded, max(micro_batch_tokens, longest), device)
+
+
+def evaluate_contender(
+    spec: str | Any,
+    examples: list[Example],
+    settings: EvalSettings,
+    metrics: list[Metric],
+    shared_template: Template | None = None,
+    train_pool: list[Example] | None = None,
+    label: str | None = None,
+) -> ModelResult:
+    """Load (or take a loaded `Generator`), generate for every example, score and analyse."""
+    from tunelab.generate import Generator
+
+    started = time.perf_counter()
+    loaded_here = isinstance(spec, str)
+    contender = parse_contender(spec) if loaded_here else Contender(label or "model", "", 0)
+    gen = Generator.load(contender.model, device=settings.device) if loaded_here else spec
+    template = gen.template or shared_template
+    if settings.template is not None:
+        template = templates.resolve(settings.template, examples[0].schema)
+    if contender.shots and template is None:
+        template = templates.resolve("qa", "qa")  # a few-shot prompt needs some markup between shots
+    previous = gen.template
+    gen.template = template  # the template decides whether a BOS prefix is added
+    shots = pick_shots(train_pool or [], contender.shots, settings.seed, examples) if contender.shots else []
+    segs = [segments(ex, template, gen.tokenizer, shots) for ex in examples]
+    prompts = ["".join(s.text for s in seg[:-1]) for seg in segs]
+    stop = [shot_stop(template)] if shots else None
+
+    generations = []
+    chunks = range(0, len(prompts), settings.batch_size)
+    with _progress(settings.progress, label or contender.spec, len(prompts)) as advance:
+        for n, start in enumerate(chunks):
+            chunk = prompts[start : start + settings.batch_size]
+            generations += gen.generate_detailed(
+                chunk,
+                settings.max_new_tokens,
+                settings.temperature,
+                settings.top_p,
+                settings.seed if n == 0 else None,  # seeded once: later batches continue the stream
+                settings.batch_size,
+                raw=True,
+                stop_strings=stop,
+            )
+            advance(len(chunk))
+
+    rules = error_rules.ErrorRules(format_regex=settings.format_regex)
+    predictions = []
+    for i, (ex, g, prompt) in enumerate(zip(examples, generations, prompts)):
+        text = g.text.strip()
+        predictions.append(
+            Prediction(
+                index=i,
+                prompt=prompt,
+                text=text,
+                finish_reason=g.finish_reason,
+                prompt_tokens=g.prompt_tokens,
+                completion_tokens=g.completion_tokens,
+                scores=score(text, ex.reference, metrics),
+                errors=error_rules.analyse(text, ex.reference, ex.question, g.finish_reason, rules),
+            )
+        )
+    chat = template is not None and template.name == "chat"
+    loss = held_out_loss(gen.model, gen.tokenizer, segs, chat, settings.micro_batch_tokens) if settings.with_loss else None
+    run_dir = None
+    if loaded_here:
+        from tunelab.models import resolve_source
+
+        src = resolve_source(contender.model)
+        run_dir = str(src.run_dir) if src.run_dir else None
+        del gen
+        gc.collect()
+        _empty_cuda_cache()
+    else:
+        gen.template = previous
+    return ModelResult(
+        label=label or label_for(contender.spec),
+        spec=contender.spec,
+        template=template.name if template else None,
+        loss=loss,
+        predictions=predictions,
+        run_dir=run_dir,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _progress:
+    """A rich progress bar over examples, or nothing when quiet."""
+
+    def __init__(self, enabled: bool, name: str, total: int) -> None:
+        self.enabled, self.name, self.total = enabled, name, total
+        self.bar: Any = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn(f"[bold]generate[/] {self.name}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        task = self.bar.add_task("gen", total=self.total)
+        self.bar.start()
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,157 @@
+"""`tunelab export`: a run as a standalone Hugging Face model, or as its PEFT adapter.
+
+`--merge OUT` folds a LoRA/DoRA adapter into the base weights (a full finetune is saved as it is) and
+writes safetensors, the tokenizer, a generation config whose eos ids stop where tunelab stops, and the
+run's prompt format as the tokenizer's chat template. vLLM, TGI or plain transformers then prompt the
+model exactly as training did: for a qa/alpaca/raw/custom run,
+`tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)` is the text
+`tunelab generate RUN q` feeds the model. `--adapter OUT` copies a LoRA run's PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.schema import COMPLETION_ROLE, PROMPT_ROLE, Record
+from tunelab.data.templates import Template, render
+from tunelab.data.tokenize import special_prefix
+from tunelab.errors import TunelabError
+from tunelab.models import TEMPLATE_FILE, load_model, load_template, pick_dtype, resolve_source
+
+# Stands in for the user's text while the run's prompt format is rendered; never in real text.
+_MARK = "\x00tunelab-content\x00"
+
+
+def _literal(text: str) -> str:
+    """A Jinja expression that outputs `text` verbatim. Jinja unescapes string literals like Python,
+    so backslashes and quotes are escaped, and line breaks too (raw ones would be normalised)."""
+    if not text:
+        return ""
+    for raw, escaped in (("\\", "\\\\"), ("'", "\\'"), ("\n", "\\n"), ("\r", "\\r")):
+        text = text.replace(raw, escaped)
+    return "{{ '" + text + "' }}"
+
+
+def chat_template(template: Template, tokenizer: Any) -> str | None:
+    """The chat template that renders messages the way the run rendered its examples.
+
+    A user turn becomes the run's prompt with the message as the question / instruction / prompt, an
+    assistant turn its completion followed by EOS (what training trained on); system turns have no place
+    in these formats and are left out. `chat` runs keep the tokenizer's own template."""
+    if template.name in ("chat", "none"):
+        return getattr(tokenizer, "chat_template", None)
+    role = PROMPT_ROLE.get(template.schema, "prompt")
+    answer = COMPLETION_ROLE.get(template.schema, "completion")
+    values = {role: _MARK, "prompt": _MARK, answer: _MARK, "completion": _MARK}
+    try:
+        prompt, completion = render(Record("(export)", 0, values), template)
+    except TunelabError as e:
+        raise TunelabError(
+            f"the run's prompt format cannot be written as a chat template: {e.message}",
+            "its format names fields beyond the user's text; export the model and render prompts yourself",
+        ) from None
+    user = "{{ message['content'] }}".join(_literal(p) for p in prompt.text.split(_MARK))
+    assistant = "{{ message['content'] }}".join(_literal(p) for p in completion.text.split(_MARK))
+    return (
+        _literal(tokenizer.decode(special_prefix(tokenizer)))  # e.g. Llama's BOS, as tunelab adds it
+        + "{% for message in messages %}"
+        + "{% if message['role'] == 'user' %}"
+        + user
+        + "{% elif message['role'] == 'assistant' %}"
+        + assistant
+        + "{{ eos_token }}"
+        + "{% endif %}"
+        + "{% endfor %}"
+    )
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise TunelabError(
+                f"{out} already exists and is not empty", "pass --overwrite or choose another path"
+            )
+        shutil.rmtree(out)
+
+
+def _saved_dtype(model_path: str) -> str:
+    """The dtype the base checkpoint was stored in, so a merged bf16 model stays bf16."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    saved = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return saved if saved in ("float32", "bfloat16", "float16") else "float32"
+
+
+def merge(source: str, out: Path, dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Write `source` (a run dir, adapter or HF folder) as one standalone HF model folder."""
+    from tunelab.generate import Generator
+
+    _prepare_out(out, overwrite)
+    # Merged in float32 on the CPU: W + (alpha/r)·BA is then exact to float32, whatever the base's dtype.
+    model, tok, src = load_model(source, dtype="float32", device="cpu")
+    if src.adapter:
+        model = model.merge_and_unload()
+    model = model.to(pick_dtype(_saved_dtype(src.model) if dtype == "auto" else dtype, model.device))
+    saved = load_template(src.adapter or src.model)
+    template = Template(**saved) if saved else None
+    if template is not None:
+        tok.chat_template = chat_template(template, tok)
+    # Stop where `tunelab generate` stops: EOS plus any end-of-turn token the tokenizer has.
+    stops = Generator(model, tok, template).stop_ids()
+    gen = model.generation_config
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.pad_token_id = tok.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    gen.save_pretrained(out)
+    if saved is not None:
+        (out / TEMPLATE_FILE).write_text(json.dumps(saved, indent=2))  # tunelab reads the folder like the run
+    return out
+
+
+def copy_adapter(source: str, out: Path, overwrite: bool = False) -> Path:
+    """Copy a LoRA run's PEFT adapter (with tokenizer and template); `PeftModel.from_pretrained` loads it."""
+    src = resolve_source(source)
+    if not src.adapter:
+        raise TunelabError(
+            f"{source} holds a full model, not a LoRA adapter",
+            f"use `tunelab export {source} --merge OUT` (or copy its final/ folder as it is)",
+        )
+    _prepare_out(out, overwrite)
+    shutil.copytree(src.adapter, out, dirs_exist_ok=True)
+    return out
+
+
+def handler(args: argparse.Namespace) -> int:
+    if not (args.merge or args.adapter):
+        raise TunelabError("nothing to export", "give --merge OUT and/or --adapter OUT")
+    if args.adapter:
+        out = copy_adapter(args.run, Path(args.adapter), args.overwrite)
+        base = json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        print(f"adapter written to {out} (base model: {base})")
+    if args.merge:
+        out = merge(args.run, Path(args.merge), args.dtype, args.overwrite)
+        print(f"merged model written to {out}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("export", help="write a run as a standalone HF model (LoRA merged) or its adapter")
+    p.add_argument("run", help="run directory (or its best/ folder, an adapter or an HF model folder)")
+    p.add_argument("--merge", metavar="OUT", help="standalone model: weights, tokenizer, chat template")
+    p.add_argument("--adapter", metavar="OUT", help="the PEFT adapter of a LoRA run")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="merged weights' dtype (auto = the base model's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=handler)

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import RunConfig, load_config, parse_override
+from tunelab.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "src" / "tunelab" / "configs").glob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 1e-5 and cfg.data.eval_ratio == 0.1 and cfg.model.name_or_path == "world"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.task in ("sft", "pretrain")
+    assert cfg.train.lr > 0
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"world-base.yaml", "world-qa.yaml", "pythia-70m-full.yaml", "qwen2.5-0.5b-lora.yaml"} <= names
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["--train.lr=1e-4", "--train.epochs=2", "--data.template=alpaca", "--train.report_to=tensorboard"])
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 2.0 and cfg.data.template == "alpaca" and cfg.train.report_to == ["tensorboard"]
+    assert parse_override("--data.fields={question: q, answer: a}") == (["data", "fields"], {"question": "q", "answer": "a"})
+
+
+def test_yaml_floats_in_exponent_form(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1e-4\n")
+    assert load_config(f).train.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--train.lrr=1", "unknown key 'train.lrr'"),
+        ("--data.template=qaa", "accepted values"),
+        ("--train.batch_size=abc", "train.batch_size: got 'abc'"),
+        ("--train.lr=-1", "train.lr"),
+        ("--data.eval_ratio=1.5", "data.eval_ratio"),
+        ("--train.gradient_checkpointing=maybe", "expected true or false"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert message in str(e.value)
+
+
+def test_did_you_mean():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["--data.template=qaa"])
+    assert e.value.hint == "did you mean 'qa'?"
+
+
+def test_custom_template_needs_formats():
+    with pytest.raises(ConfigError, match="prompt_format"):
+        load_config(overrides=["--data.template=custom"])
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

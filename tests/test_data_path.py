@@ -1,0 +1,155 @@
+"""Templates, tokenisation and masks, checked token by token."""
+
+import pytest
+
+from tunelab.data import templates
+from tunelab.data.dataset import encode_records, load_records, pack_documents
+from tunelab.data.schema import Record, detect_schema, to_record
+from tunelab.data.formats import Row, read_rows
+from tunelab.data.tokenize import IGNORE, encode
+from tunelab.errors import ConfigError, DataError
+
+from conftest import write_jsonl
+
+
+def rec(**values):
+    return Record("mem", 1, values)
+
+
+def test_qa_template_renders_course_format():
+    t = templates.resolve("auto", "qa")
+    segs = templates.render(rec(question="What is the capital of Peru?", answer="Lima."), t)
+    assert segs == [
+        templates.Segment("### Question:\nWhat is the capital of Peru?\n\n### Answer:\n", False),
+        templates.Segment("Lima.", True),
+    ]
+
+
+def test_alpaca_with_and_without_input():
+    t = templates.resolve("auto", "alpaca")
+    with_input = templates.render(rec(instruction="Translate", input="hola", output="hello"), t)
+    assert "### Input:\nhola\n\n### Response:\n" in with_input[0].text
+    without = templates.render(rec(instruction="Say hi", output="hi"), t)
+    assert "### Input" not in without[0].text and without[0].text.endswith("### Response:\n")
+    assert without[1] == templates.Segment("hi", True)
+
+
+def test_custom_template_and_missing_field():
+    t = templates.resolve("custom", "qa", "Q: {question}\nA: ", "{answer}")
+    assert templates.render(rec(question="x", answer="y"), t)[0].text == "Q: x\nA: "
+    bad = templates.resolve("custom", "qa", "Q: {query}\nA: ", "{answer}")
+    with pytest.raises(DataError, match=r"\{query\}"):
+        templates.render(rec(question="x", answer="y"), bad)
+
+
+def test_template_schema_mismatch():
+    with pytest.raises(ConfigError):
+        templates.resolve("qa", "messages")
+
+
+def test_mask_token_by_token(tokenizer):
+    t = templates.resolve("qa", "qa")
+    segs = templates.render(rec(question="capital of Peru?", answer="Lima."), t)
+    enc = encode(segs, tokenizer, max_length=512)
+    prompt_ids = tokenizer(segs[0].text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(segs[1].text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert enc.input_ids == prompt_ids + answer_ids + [eos]
+    assert enc.labels == [IGNORE] * len(prompt_ids) + answer_ids + [eos]
+    on_prompt = encode(segs, tokenizer, max_length=512, train_on_prompt=True)
+    assert on_prompt.labels == on_prompt.input_ids
+
+
+def test_eos_trained_even_when_pad_is_eos(tokenizer):
+    assert tokenizer.pad_token_id in (None, tokenizer.eos_token_id)  # the tricky case
+    enc = encode([templates.Segment("q", False), templates.Segment("a", True)], tokenizer, 64)
+    assert enc.labels[-1] == tokenizer.eos_token_id == enc.input_ids[-1]
+
+
+def test_truncation_sides(tokenizer):
+    segs = [templates.Segment("word " * 20, False), templates.Segment("answer here", True)]
+    full = encode(segs, tokenizer, 10_000)
+    right = encode(segs, tokenizer, 8, "right")
+    left = encode(segs, tokenizer, 8, "left")
+    assert right.input_ids == full.input_ids[:8] and right.truncated
+    assert right.completion_tokens_lost == sum(lab != IGNORE for lab in full.labels)
+    assert left.input_ids == full.input_ids[-8:] and left.completion_tokens_lost == 0
+
+
+def test_chat_template_trains_every_assistant_turn(tokenizer):
+    t = templates.resolve("auto", "messages")
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "capital of Peru?"},
+        {"role": "assistant", "content": "Lima"},
+    ]
+    segs = templates.render(rec(messages=messages), t, tokenizer)
+    trained = [s.text for s in segs if s.train]
+    assert trained == ["hello<|im_end|>\n", "Lima<|im_end|>\n"]
+    assert "".join(s.text for s in segs) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_schema_detection_and_mapping():
+    rows = [Row("f", 1, {"q": "a?", "a": "b"})]
+    with pytest.raises(DataError, match="cannot tell the schema"):
+        detect_schema(rows, {})
+    assert detect_schema(rows, {"question": "q", "answer": "a"}) == "qa"
+    assert to_record(rows[0], "qa", {"question": "q", "answer": "a"}).values == {"question": "a?", "answer": "b"}
+    for keys, name in [
+        ({"instruction", "output"}, "alpaca"),
+        ({"prompt", "completion"}, "prompt_completion"),
+        ({"input", "output"}, "input_output"),
+        ({"messages"}, "messages"),
+        ({"text"}, "text"),
+    ]:
+        assert detect_schema([Row("f", 1, dict.fromkeys(keys, "x"))], {}) == name
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "reason"),
+    [
+        ({"question": "q"}, "answer", "missing field"),
+        ({"question": "q", "answer": "  "}, "answer", "empty completion"),
+        ({"question": ["q"], "answer": "a"}, "question", "expected text"),
+    ],
+)
+def test_bad_rows_name_file_line_field(tmp_path, row, field, reason):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"question": "ok", "answer": "ok"}] * 36 + [row])
+    with pytest.raises(DataError) as e:
+        load_records(str(f))
+    assert (e.value.line, e.value.field) == (37, field) and reason in e.value.reason
+    assert str(f) in str(e.value)
+
+
+def test_bad_json_line_37(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "q", "answer": "a"}\n' * 36 + '{"question": "q", "answer": \n')
+    with pytest.raises(DataError) as e:
+        read_rows(f)
+    assert e.value.line == 37 and "not valid JSON" in e.value.reason
+
+
+def test_seeded_split(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(50)]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    a = load_records(str(f), eval_ratio=0.1, split_seed=1)
+    b = load_records(str(f), eval_ratio=0.1, split_seed=1)
+    c = load_records(str(f), eval_ratio=0.1, split_seed=2)
+    assert len(a.train) == 45 and len(a.eval) == 5
+    assert [r.line for r in a.eval] == [r.line for r in b.eval] != [r.line for r in c.eval]
+    assert {r.line for r in a.train}.isdisjoint({r.line for r in a.eval})
+    separate = load_records(str(f), eval_path=str(f))
+    assert len(separate.train) == 50 == len(separate.eval)
+
+
+def test_encode_records_and_pretrain_chunks(tokenizer):
+    t = templates.resolve("qa", "qa")
+    out = encode_records([rec(question="a", answer="b")], t, tokenizer, 64)
+    assert out[0].input_ids[-1] == tokenizer.eos_token_id
+    chunks = pack_documents(["one two three", "four five"], tokenizer, 4)
+    stream = [i for c in chunks for i in c.input_ids]
+    expected = tokenizer("one two three")["input_ids"] + [tokenizer.eos_token_id]
+    expected += tokenizer("four five")["input_ids"] + [tokenizer.eos_token_id]
+    assert stream == expected[: len(stream)] and all(c.labels == c.input_ids for c in chunks)
+    assert all(len(c.input_ids) <= 4 for c in chunks)

@@ -1,0 +1,126 @@
+"""End to end on tiny models: the loss falls, weights change, the saved model loads with plain
+transformers, runs are deterministic, and bad input stops before any model is loaded."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tunelab
+import tunelab.api
+from tunelab import runner
+from tunelab.cli import main
+from tunelab.errors import ModelLoadError
+from tunelab.models import load_model
+
+from conftest import write_jsonl
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def fit(model_dir, data, out, **settings):
+    base = {"lr": 3e-3, "epochs": 4, "batch_size": 4, "log_every": 1, "seed": 0}
+    return tunelab.api.train(model=str(model_dir), data=str(data), out=str(out), quiet=True, **{**base, **settings})
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "qwen2"])
+def test_finetune_end_to_end(tiny_models, qa_file, tmp_path, kind):
+    run = fit(tiny_models[kind], qa_file, tmp_path / "run")
+    records = metrics(run.path)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals[-1] < evals[0] - 0.5, evals  # it learned something held out
+    train_lines = [r for r in records if "loss" in r]
+    assert len(train_lines) == 32  # 36 rows - 4 held out = 32 = 8 steps of 4, for 4 epochs
+    for key in ("step", "loss", "lr", "tokens_per_s", "elapsed_s", "eta_s"):
+        assert key in train_lines[-1]
+    before = AutoModelForCausalLM.from_pretrained(tiny_models[kind])
+    after = AutoModelForCausalLM.from_pretrained(run.path / "final")
+    changed = [n for n, p in after.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])]
+    assert len(changed) == len(list(after.parameters()))  # a full finetune moves every tensor
+    tok = AutoTokenizer.from_pretrained(run.path / "final")
+    out = after.generate(**tok("### Question:\nWhat is the capital of Peru?\n\n### Answer:\n", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 0
+    cfg = run.config
+    assert cfg.data.template == "qa" and cfg.data.prompt_format.startswith("### Question:")
+    assert isinstance(run.generate("What is the capital of Peru?", max_new_tokens=8), str)
+
+
+def test_seeded_runs_are_identical(llama_dir, qa_file, tmp_path):
+    a = fit(llama_dir, qa_file, tmp_path / "a", max_steps=6)
+    b = fit(llama_dir, qa_file, tmp_path / "b", max_steps=6)
+    la = [r["loss"] for r in metrics(a.path) if "loss" in r]
+    lb = [r["loss"] for r in metrics(b.path) if "loss" in r]
+    assert la == lb and len(la) == 6
+    wa = AutoModelForCausalLM.from_pretrained(a.path / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b.path / "final").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = fit(llama_dir, qa_file, tmp_path / "c", max_steps=6, seed=1)
+    assert [r["loss"] for r in metrics(c.path) if "loss" in r] != la
+
+
+def test_pretrain_from_scratch_and_continued(tokenizer_dir, llama_dir, tmp_path):
+    docs = [{"text": f"The capital of country {i} is city {i}. It is a nice place."} for i in range(60)]
+    data = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    init = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 128}  # fmt: skip
+    run = tunelab.pretrain(data=str(data), out=str(tmp_path / "pt"), quiet=True, **{
+        "model.init": init, "model.tokenizer": str(tokenizer_dir), "chunk_length": 32, "lr": 3e-3,
+        "epochs": 3, "batch_size": 8, "log_every": 1})  # fmt: skip
+    losses = [r["loss"] for r in metrics(run.path) if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0
+    assert AutoModelForCausalLM.from_pretrained(run.path / "final").config.hidden_size == 32
+    cont = tunelab.pretrain(data=str(data), model=str(llama_dir), out=str(tmp_path / "pt2"), quiet=True,
+                            chunk_length=32, max_steps=3, lr=1e-3)  # fmt: skip
+    assert (cont.path / "final" / "model.safetensors").exists()
+
+
+def test_bad_input_stops_before_the_model_loads(monkeypatch, llama_dir, tmp_path, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(runner, "load_model", no_model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n' * 36 + "{not json\n")
+    assert main(["train", "--model", str(llama_dir), "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:37" in err and "not valid JSON" in err and "hint:" in err
+    good = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    cases = [
+        (["--data.template=nope"], "accepted values"),
+        (["--data.max_length=4096"], "at most 512 tokens"),
+        (["--data.template=alpaca"], "no such field"),
+    ]
+    for extra, message in cases:
+        args = ["train", "--model", str(llama_dir), "--data", str(good), "--out", str(tmp_path / "r"), *extra]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert main(["train", "--model", str(llama_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_existing_run_dir_needs_overwrite(llama_dir, qa_file, tmp_path):
+    fit(llama_dir, qa_file, tmp_path / "r", max_steps=1)
+    with pytest.raises(tunelab.TunelabError, match="--overwrite"):
+        fit(llama_dir, qa_file, tmp_path / "r", max_steps=1)
+    fit(llama_dir, qa_file, tmp_path / "r", max_steps=1, overwrite=True)
+
+
+def test_offline_miss_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_model("some-org/not-a-cached-model")
+    assert "offline mode is on" in e.value.message and "HF_HUB_OFFLINE=1" in e.value.message
+
+
+def test_generate_cli_single_and_batch(llama_dir, qa_file, tmp_path, capsys):
+    run = fit(llama_dir, qa_file, tmp_path / "r", max_steps=2)
+    assert main(["generate", str(run.path), "What is the capital of Peru?", "--max-new-tokens", "4"]) == 0
+    single = capsys.readouterr().out.removesuffix("\n")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "What is the capital of Peru?"}, {"question": "x"}])
+    assert main(["generate", str(run.path), "--file", str(prompts), "--max-new-tokens", "4", "--output", str(tmp_path / "o.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["What is the capital of Peru?", "x"]
+    assert rows[0]["completion"] == single  # batched (left-padded) equals single greedy
