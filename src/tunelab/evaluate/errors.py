@@ -109,7 +109,7 @@ def analyse(
 @dataclass
 class ErrorExample:
     index: int
-    prompt: str
+    question: str
     prediction: str
     reference: str
 

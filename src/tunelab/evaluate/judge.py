@@ -132,11 +132,14 @@ class JudgeClient:
         )
 
     def complete_many(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        """In order, at most `concurrency` in flight."""
-        if not conversations:
+        """In order, at most `concurrency` in flight; a conversation repeated in the batch is asked once."""
+        keys = [self._cache_path(c) for c in conversations]
+        unique = {k: c for k, c in zip(keys, conversations)}
+        if not unique:
             return []
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
-            return list(pool.map(self.complete, conversations))
+            replies = dict(zip(unique, pool.map(self.complete, unique.values())))
+        return [replies[k] for k in keys]
 
 
 def rubric_messages(question: str, reference: str, answer: str, rubric: str = RUBRIC) -> list[dict[str, str]]:

@@ -235,6 +235,48 @@ def held_out_loss(
     return evaluate(model, encoded, max(micro_batch_tokens, longest), device)
 
 
+def _generate(
+    gen: Any, prompts: list[str], settings: EvalSettings, stop: list[str] | None, name: str
+) -> list[Any]:
+    out: list[Any] = []
+    with _progress(settings.progress, name, len(prompts)) as advance:
+        for n, start in enumerate(range(0, len(prompts), settings.batch_size)):
+            chunk = prompts[start : start + settings.batch_size]
+            out += gen.generate_detailed(
+                chunk,
+                settings.max_new_tokens,
+                settings.temperature,
+                settings.top_p,
+                settings.seed if n == 0 else None,  # seeded once: later batches continue the stream
+                settings.batch_size,
+                raw=True,
+                stop_strings=stop,
+            )
+            advance(len(chunk))
+    return out
+
+
+def _predictions(
+    examples: list[Example], generations: list[Any], prompts: list[str], metrics: list[Metric], rules: Any
+) -> list[Prediction]:
+    out = []
+    for i, (ex, g, prompt) in enumerate(zip(examples, generations, prompts)):
+        text = g.text.strip()
+        out.append(
+            Prediction(
+                index=i,
+                prompt=prompt,
+                text=text,
+                finish_reason=g.finish_reason,
+                prompt_tokens=g.prompt_tokens,
+                completion_tokens=g.completion_tokens,
+                scores=score(text, ex.reference, metrics),
+                errors=error_rules.analyse(text, ex.reference, ex.question, g.finish_reason, rules),
+            )
+        )
+    return out
+
+
 def evaluate_contender(
     spec: str | Any,
     examples: list[Example],
@@ -244,8 +286,10 @@ def evaluate_contender(
     train_pool: list[Example] | None = None,
     label: str | None = None,
 ) -> ModelResult:
-    """Load (or take a loaded `Generator`), generate for every example, score and analyse."""
+    """Load (or take a loaded `Generator`), generate for every example, score, analyse, and measure
+    the loss of the references."""
     from tunelab.generate import Generator
+    from tunelab.models import resolve_source
 
     started = time.perf_counter()
     loaded_here = isinstance(spec, str)
@@ -258,57 +302,29 @@ def evaluate_contender(
         template = templates.resolve("qa", "qa")  # a few-shot prompt needs some markup between shots
     previous = gen.template
     gen.template = template  # the template decides whether a BOS prefix is added
-    shots = pick_shots(train_pool or [], contender.shots, settings.seed, examples) if contender.shots else []
-    segs = [segments(ex, template, gen.tokenizer, shots) for ex in examples]
-    prompts = ["".join(s.text for s in seg[:-1]) for seg in segs]
-    stop = [shot_stop(template)] if shots else None
-
-    generations = []
-    chunks = range(0, len(prompts), settings.batch_size)
-    with _progress(settings.progress, label or contender.spec, len(prompts)) as advance:
-        for n, start in enumerate(chunks):
-            chunk = prompts[start : start + settings.batch_size]
-            generations += gen.generate_detailed(
-                chunk,
-                settings.max_new_tokens,
-                settings.temperature,
-                settings.top_p,
-                settings.seed if n == 0 else None,  # seeded once: later batches continue the stream
-                settings.batch_size,
-                raw=True,
-                stop_strings=stop,
-            )
-            advance(len(chunk))
-
-    rules = error_rules.ErrorRules(format_regex=settings.format_regex)
-    predictions = []
-    for i, (ex, g, prompt) in enumerate(zip(examples, generations, prompts)):
-        text = g.text.strip()
-        predictions.append(
-            Prediction(
-                index=i,
-                prompt=prompt,
-                text=text,
-                finish_reason=g.finish_reason,
-                prompt_tokens=g.prompt_tokens,
-                completion_tokens=g.completion_tokens,
-                scores=score(text, ex.reference, metrics),
-                errors=error_rules.analyse(text, ex.reference, ex.question, g.finish_reason, rules),
-            )
+    try:
+        shots = (
+            pick_shots(train_pool or [], contender.shots, settings.seed, examples) if contender.shots else []
         )
-    chat = template is not None and template.name == "chat"
-    loss = held_out_loss(gen.model, gen.tokenizer, segs, chat, settings.micro_batch_tokens) if settings.with_loss else None
+        segs = [segments(ex, template, gen.tokenizer, shots) for ex in examples]
+        prompts = ["".join(s.text for s in seg[:-1]) for seg in segs]
+        stop = [shot_stop(template)] if shots else None
+        generations = _generate(gen, prompts, settings, stop, label or contender.spec)
+        rules = error_rules.ErrorRules(format_regex=settings.format_regex)
+        predictions = _predictions(examples, generations, prompts, metrics, rules)
+        loss = None
+        if settings.with_loss:
+            chat = template is not None and template.name == "chat"
+            loss = held_out_loss(gen.model, gen.tokenizer, segs, chat, settings.micro_batch_tokens)
+    finally:
+        gen.template = previous
     run_dir = None
     if loaded_here:
-        from tunelab.models import resolve_source
-
         src = resolve_source(contender.model)
         run_dir = str(src.run_dir) if src.run_dir else None
-        del gen
+        del gen  # one model in memory at a time
         gc.collect()
         _empty_cuda_cache()
-    else:
-        gen.template = previous
     return ModelResult(
         label=label or label_for(contender.spec),
         spec=contender.spec,

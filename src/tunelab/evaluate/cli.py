@@ -1,0 +1,228 @@
+"""`tunelab eval`, `tunelab compare` and `tunelab bench`: parse, call the library, print, write."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def base_of(model: str) -> str | None:
+    """The model a run (or adapter) started from; None for a plain model or a run trained from scratch."""
+    from tunelab.models import resolve_source
+
+    src = resolve_source(model)
+    if src.run_dir is not None:
+        from tunelab.config import load_config
+
+        cfg = load_config(src.run_dir / "config.yaml")
+        return None if cfg.model.init is not None else cfg.model.name_or_path
+    return src.model if src.adapter else None
+
+
+def _default_out(model: str, kind: str) -> Path:
+    from tunelab.models import resolve_source
+
+    src = resolve_source(model)
+    if src.run_dir is not None:
+        return src.run_dir
+    from tunelab.evaluate.predict import label_for
+
+    return Path("runs") / f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '-', label_for(model)).strip('-')}"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", required=True, help="test file (any format `tunelab train` reads), e.g. world:heldout.jsonl"
+    )
+    p.add_argument("--limit", type=int, help="only the first N test rows")
+    p.add_argument("--out", help="where report.md/html, plots/ and eval/ go")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="sampling, few-shot choice and bootstrap")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--device", default="auto")
+    g.add_argument(
+        "--template", help="force a template (qa, alpaca, raw, chat, none) instead of each run's own"
+    )
+    m = p.add_argument_group("scoring")
+    m.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="MODULE:FUNCTION",
+        help="extra metric fn(prediction, reference) -> float; repeatable",
+    )
+    m.add_argument(
+        "--format-regex", help="a prediction must fully match this, else it counts as wrong_format"
+    )
+    m.add_argument("--group-by", metavar="COLUMN", help="break metrics down by this column of the test rows")
+    m.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples for the intervals")
+    m.add_argument("--no-loss", action="store_true", help="skip held-out loss / perplexity")
+    m.add_argument("--show", type=int, default=5, help="side-by-side examples printed")
+    j = p.add_argument_group("LLM-as-judge (any OpenAI-compatible endpoint; nothing is sent without --judge)")
+    j.add_argument("--judge", metavar="URL", help="e.g. http://localhost:8000")
+    j.add_argument("--judge-model", help="model name the endpoint serves")
+    j.add_argument("--judge-mode", choices=("rubric", "pairwise"), default="rubric")
+    j.add_argument(
+        "--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key, if any"
+    )
+    j.add_argument("--judge-concurrency", type=int, default=4)
+    j.add_argument("--judge-retries", type=int, default=4)
+    j.add_argument("--judge-cache", help="cache folder (default ~/.cache/tunelab/judge)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="held-out loss, metrics and error analysis of a run (vs its base model)")
+    e.add_argument("model", help="run directory, HF folder or hub id")
+    e.add_argument("--base", help="the model to compare against (default: the run's own base model)")
+    e.add_argument("--no-base", action="store_true", help="evaluate the model alone")
+    _add_common(e)
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="several models on the same questions, with deltas and intervals")
+    c.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="first is the baseline; fewshot:K:MODEL prompts MODEL with K training examples",
+    )
+    c.add_argument("--train-data", help="training rows the fewshot:K:MODEL contenders show")
+    _add_common(c)
+    c.set_defaults(func=cmd_compare)
+
+    b = sub.add_parser("bench", help="lm-evaluation-harness tasks on a run and its base, side by side")
+    b.add_argument(
+        "models", nargs="+", metavar="MODEL", help="run directory, HF folder or hub id (more to compare)"
+    )
+    b.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag")
+    b.add_argument("--include-path", help="folder of YAML tasks (local data runs offline)")
+    b.add_argument("--limit", type=float, help="examples per task (or a fraction < 1)")
+    b.add_argument("--num-fewshot", type=int)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-base", action="store_true", help="do not add the run's base model")
+    b.add_argument("--out", help="where eval/bench.json goes (default: the run directory)")
+    b.set_defaults(func=cmd_bench)
+
+
+def _settings(args: argparse.Namespace):
+    from tunelab.evaluate.predict import EvalSettings
+
+    return EvalSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        template=args.template,
+        metrics=args.metric,
+        format_regex=args.format_regex,
+        with_loss=not args.no_loss,
+        progress=not args.quiet,
+    )
+
+
+def _judge(args: argparse.Namespace):
+    if not args.judge:
+        return None
+    if not args.judge_model:
+        raise TunelabError("--judge needs --judge-model", "the name of the model the endpoint serves")
+    from tunelab.evaluate.judge import JudgeConfig, default_cache_dir
+
+    return JudgeConfig(
+        url=args.judge,
+        model=args.judge_model,
+        mode=args.judge_mode,
+        api_key=os.environ.get(args.judge_api_key_env) or None,
+        concurrency=args.judge_concurrency,
+        retries=args.judge_retries,
+        cache_dir=Path(args.judge_cache) if args.judge_cache else default_cache_dir(),
+    )
+
+
+def _check_regex(pattern: str | None) -> None:
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise TunelabError(f"--format-regex {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str | None = None) -> int:
+    from rich.console import Console
+
+    from tunelab.evaluate.compare import compare
+    from tunelab.evaluate.predict import read_examples
+    from tunelab.evaluate.report import write_report
+
+    _check_regex(args.format_regex)
+    examples = read_examples(args.data, args.limit)
+    pool = read_examples(train_data) if train_data else None
+    result = compare(
+        models,
+        examples,
+        _settings(args),
+        train_rows=pool,
+        group_by=args.group_by,
+        judge=_judge(args),
+        bootstrap=args.bootstrap,
+    )
+    result.print(Console(), examples=args.show)
+    preds, summary = result.write(out / "eval")
+    bench_file = out / "eval" / "bench.json"
+    bench = json.loads(bench_file.read_text()) if bench_file.exists() else None
+    md, page = write_report(result, out, bench)
+    print(f"wrote {preds}, {summary}, {md} and {page}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    models = [args.model]
+    if not args.no_base:
+        base = args.base or base_of(args.model)
+        if base is not None:
+            models.insert(0, base)
+    out = Path(args.out) if args.out else _default_out(args.model, "eval")
+    return _run(models, args, out)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else _default_out(args.models[-1], "compare")
+    return _run(args.models, args, out, args.train_data)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tunelab.evaluate.harness import require_lm_eval, run_benchmarks
+    from tunelab.evaluate.report import bench_table
+    from tunelab.evaluate.tables import rich_table
+
+    require_lm_eval()
+    models = list(args.models)
+    if not args.no_base and len(models) == 1:
+        base = base_of(models[0])
+        if base is not None:
+            models.insert(0, base)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = run_benchmarks(
+        models, tasks, args.include_path, limit, args.num_fewshot, args.batch_size, args.device, args.seed
+    )
+    Console().print(rich_table(bench_table(results), "lm-evaluation-harness"))
+    out = (Path(args.out) if args.out else _default_out(args.models[-1], "bench")) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out / 'bench.json'} (the next `tunelab eval` report includes it)")
+    return 0

@@ -1,0 +1,346 @@
+"""The same questions through several models, side by side: metrics, deltas against the first model
+with paired-bootstrap confidence intervals, errors, and the examples where the models disagree most.
+
+    from tunelab.evaluate import compare
+    result = compare(["world", "runs/qa"], rows)   # rows: [{"question": ..., "answer": ...}, ...]
+    result.print()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.data import templates
+from tunelab.errors import TunelabError
+from tunelab.evaluate import judge as judging
+from tunelab.evaluate.errors import ErrorSummary, summarise
+from tunelab.evaluate.metrics import corpus_bleu, resolve_metrics
+from tunelab.evaluate.predict import (
+    EvalSettings,
+    Example,
+    ModelResult,
+    evaluate_contender,
+    examples_from_rows,
+    label_for,
+    own_template,
+    parse_contender,
+)
+
+
+def bootstrap_mean(
+    values: list[float], resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean over examples and its percentile interval from resampling examples with replacement.
+    NaN (no score) is left out."""
+    d = np.asarray(values, dtype=float)
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [  # blocks of 100 resamples keep memory at 100 x n
+            d[rng.integers(0, d.size, size=(min(100, resamples - start), d.size))].mean(axis=1)
+            for start in range(0, resamples, 100)
+        ]
+    )
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(d.mean()), float(low), float(high)
+
+
+def paired_bootstrap(
+    a: list[float], b: list[float], resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of b - a and its interval: both models are resampled on the same examples, and that
+    pairing is what makes small differences detectable on a few hundred examples."""
+    return bootstrap_mean(list(np.asarray(b, float) - np.asarray(a, float)), resamples, seed, confidence)
+
+
+def _mean(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmean(arr)) if (~np.isnan(arr)).any() else math.nan
+
+
+@dataclass
+class Delta:
+    model: str
+    baseline: str
+    metric: str
+    delta: float  # mean(model) - mean(baseline)
+    low: float
+    high: float
+    wins: int  # examples where the model scored higher
+    ties: int
+    losses: int
+
+
+@dataclass
+class CompareResult:
+    examples: list[Example]
+    models: list[ModelResult]
+    metrics: list[str]
+    deltas: list[Delta] = field(default_factory=list)
+    disagreements: list[int] = field(default_factory=list)  # example indices, most disagreement first
+    errors: dict[str, ErrorSummary] = field(default_factory=dict)
+    corpus_bleu: dict[str, float] = field(default_factory=dict)
+    group_by: str | None = None
+    groups: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # value -> model -> metric
+    pairwise: list[Delta] = field(default_factory=list)  # judge preference of each model over the first
+    judge: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.label for m in self.models]
+
+    def model(self, label: str) -> ModelResult:
+        return next(m for m in self.models if m.label == label)
+
+    def mean(self, label: str, metric: str) -> float:
+        return _mean(self.model(label).scores(metric))
+
+    def summary(self) -> dict[str, Any]:
+        models = {}
+        for m in self.models:
+            models[m.label] = {
+                "spec": m.spec,
+                "template": m.template,
+                "loss": m.loss,
+                "perplexity": m.perplexity,
+                **{k: self.mean(m.label, k) for k in self.metrics},
+                "corpus_bleu": self.corpus_bleu.get(m.label),
+                "errors": self.errors[m.label].to_dict() if m.label in self.errors else None,
+                "seconds": round(m.seconds, 2),
+            }
+        return {
+            "n_examples": len(self.examples),
+            "metrics": self.metrics,
+            "models": models,
+            "deltas": [vars(d) for d in self.deltas],
+            "pairwise": [vars(d) for d in self.pairwise],
+            "group_by": self.group_by,
+            "groups": self.groups,
+            "disagreements": self.disagreements,
+            "judge": self.judge,
+            "settings": self.settings,
+        }
+
+    def per_example(self) -> list[dict[str, Any]]:
+        """One row per (example, model): long format, one `pandas.read_json(lines=True)` away."""
+        out = []
+        for i, ex in enumerate(self.examples):
+            extra = {
+                k: v
+                for k, v in ex.row.items()
+                if isinstance(v, (str, int, float, bool)) and k not in ("question", "answer")
+            }
+            for m in self.models:
+                p = m.predictions[i]
+                out.append(
+                    {
+                        "index": i,
+                        "model": m.label,
+                        "question": ex.question,
+                        "reference": ex.reference,
+                        "prediction": p.text,
+                        "finish_reason": p.finish_reason,
+                        "prompt_tokens": p.prompt_tokens,
+                        "completion_tokens": p.completion_tokens,
+                        **{k: (None if math.isnan(v) else v) for k, v in p.scores.items()},
+                        "errors": p.errors,
+                        **({"columns": extra} if extra else {}),
+                    }
+                )
+        return out
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """predictions.jsonl (per example and model) and summary.json."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        preds, summary = out / "predictions.jsonl", out / "summary.json"
+        with preds.open("w", encoding="utf-8") as f:
+            for row in self.per_example():
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        summary.write_text(json.dumps(_finite(self.summary()), indent=2, ensure_ascii=False) + "\n")
+        return preds, summary
+
+    def print(self, console: Any = None, examples: int = 5) -> None:
+        from tunelab.evaluate.tables import print_result
+
+        print_result(self, console, examples)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _unique_labels(labels: list[str]) -> list[str]:
+    out: list[str] = []
+    for label in labels:
+        name, k = label, 2
+        while name in out:
+            name, k = f"{label} ({k})", k + 1
+        out.append(name)
+    return out
+
+
+def _deltas(models: list[ModelResult], metrics: list[str], resamples: int, seed: int) -> list[Delta]:
+    base = models[0]
+    out = []
+    for m in models[1:]:
+        for metric in metrics:
+            a, b = np.asarray(base.scores(metric)), np.asarray(m.scores(metric))
+            delta, low, high = paired_bootstrap(base.scores(metric), m.scores(metric), resamples, seed)
+            ok = ~np.isnan(a) & ~np.isnan(b)
+            wins, losses = int((b[ok] > a[ok]).sum()), int((b[ok] < a[ok]).sum())
+            out.append(
+                Delta(
+                    m.label, base.label, metric, delta, low, high, wins, int(ok.sum()) - wins - losses, losses
+                )
+            )
+    return out
+
+
+def _disagreements(models: list[ModelResult], top: int) -> list[int]:
+    """Examples ranked by the spread of scores across models: exact match first, ROUGE-L to break ties."""
+    if len(models) < 2:
+        return []
+    em = np.array([m.scores("exact_match_norm") for m in models])
+    rouge = np.array([m.scores("rouge_l") for m in models])
+    spread = np.nan_to_num(em.max(0) - em.min(0)) + np.nan_to_num(rouge.max(0) - rouge.min(0)) / 2
+    texts_differ = [len({m.predictions[i].text for m in models}) > 1 for i in range(em.shape[1])]
+    order = sorted(range(em.shape[1]), key=lambda i: (-spread[i], i))
+    return [i for i in order if spread[i] > 0 or texts_differ[i]][:top]
+
+
+def _groups(
+    examples: list[Example], models: list[ModelResult], metrics: list[str], column: str
+) -> dict[str, dict[str, dict[str, float]]]:
+    values = [str(ex.row.get(column, "")) for ex in examples]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for value in sorted(set(values)):
+        idx = [i for i, v in enumerate(values) if v == value]
+        out[value] = {
+            m.label: {"n": len(idx), **{k: _mean([m.scores(k)[i] for i in idx]) for k in metrics}}
+            for m in models
+        }
+    return out
+
+
+def _run_judge(result: CompareResult, cfg: judging.JudgeConfig, resamples: int, seed: int) -> None:
+    questions = [ex.question for ex in result.examples]
+    refs = [ex.reference for ex in result.examples]
+    with judging.JudgeClient(cfg) as client:
+        if cfg.mode == "rubric":
+            for m in result.models:
+                grades = judging.grade(client, questions, refs, [p.text for p in m.predictions])
+                for p, g in zip(m.predictions, grades):
+                    p.scores["judge"] = math.nan if g is None else float(g)
+            result.metrics.append("judge")
+        else:
+            base = result.models[0]
+            for m in result.models[1:]:
+                pref = judging.prefer(
+                    client,
+                    questions,
+                    refs,
+                    [p.text for p in base.predictions],
+                    [p.text for p in m.predictions],
+                )
+                prefs = [math.nan if v is None else v for v in pref]
+                rate, low, high = bootstrap_mean(prefs, resamples, seed)
+                ok = [v for v in prefs if not math.isnan(v)]
+                wins, losses = sum(v > 0.5 for v in ok), sum(v < 0.5 for v in ok)
+                ties = len(ok) - wins - losses
+                result.pairwise.append(
+                    Delta(m.label, base.label, "judge_preference", rate, low, high, wins, ties, losses)
+                )
+        result.judge = judging.judge_info(client)
+
+
+def _as_examples(rows: list[dict[str, Any]] | list[Example], source: str) -> list[Example]:
+    if rows and all(isinstance(r, Example) for r in rows):
+        return list(rows)  # type: ignore[arg-type]
+    return examples_from_rows(list(rows), source)  # type: ignore[arg-type]
+
+
+def _template_of(model: str | Any) -> Any:
+    return own_template(parse_contender(model).model) if isinstance(model, str) else model.template
+
+
+def compare(
+    models: list[str | Any],
+    rows: list[dict[str, Any]] | list[Example],
+    settings: EvalSettings | None = None,
+    train_rows: list[dict[str, Any]] | list[Example] | None = None,
+    group_by: str | None = None,
+    judge: judging.JudgeConfig | None = None,
+    bootstrap: int = 1000,
+    top: int = 10,
+    labels: list[str] | None = None,
+) -> CompareResult:
+    """Run every model over `rows` and compare them with the first.
+
+    `models`: names (run dir, HF folder, hub id, 'world', `fewshot:K:MODEL`) or loaded `Generator`s.
+    `rows`: dicts with `question`/`answer` (or any trainable schema) plus any other columns, which
+    `group_by` can break the metrics down by. `train_rows` feed the few-shot contenders.
+    """
+    settings = settings or EvalSettings()
+    if not models:
+        raise TunelabError("nothing to evaluate", "give at least one model")
+    examples = _as_examples(rows, "<rows>")
+    pool = _as_examples(train_rows, "<train rows>") if train_rows else None
+    if any(isinstance(s, str) and parse_contender(s).shots for s in models) and not pool:
+        raise TunelabError(
+            "a fewshot:K:MODEL contender needs training examples to show", "pass --train-data FILE"
+        )
+    if group_by and all(group_by not in ex.row for ex in examples):  # before any model is loaded
+        raise TunelabError(
+            f"no row has a '{group_by}' column to group by", f"columns: {', '.join(sorted(examples[0].row))}"
+        )
+    if settings.template is not None:
+        templates.resolve(settings.template, examples[0].schema)  # a bad name fails before any model loads
+    if judge is not None and judge.mode == "pairwise" and len(models) < 2:
+        raise TunelabError("pairwise judging needs two models or more", "use --judge-mode rubric for one")
+    names = labels or [label_for(s) if isinstance(s, str) else f"model {i + 1}" for i, s in enumerate(models)]
+    names = _unique_labels(names)
+    # A model without a template of its own (a base model) is asked in the first template found, so
+    # base and finetuned see the very same prompt.
+    shared = next((t for t in map(_template_of, models) if t is not None), None)
+    metric_fns = resolve_metrics(settings.metrics)
+    results = [
+        evaluate_contender(spec, examples, settings, metric_fns, shared, pool, label)
+        for spec, label in zip(models, names)
+    ]
+    metrics = [m.name for m in metric_fns]
+    result = CompareResult(examples, results, metrics, group_by=group_by)
+    result.settings = {k: v for k, v in vars(settings).items() if k not in ("progress", "device")} | {
+        "bootstrap": bootstrap
+    }
+    refs = [ex.reference for ex in examples]
+    for m in results:
+        texts = [p.text for p in m.predictions]
+        result.errors[m.label] = summarise(
+            [p.errors for p in m.predictions], [ex.question for ex in examples], texts, refs
+        )
+        result.corpus_bleu[m.label] = corpus_bleu(texts, refs)
+    if judge is not None:
+        _run_judge(result, judge, bootstrap, settings.seed)
+    result.deltas = _deltas(results, result.metrics, bootstrap, settings.seed)
+    result.disagreements = _disagreements(results, top)
+    if group_by:
+        result.groups = _groups(examples, results, result.metrics, group_by)
+    return result

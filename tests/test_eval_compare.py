@@ -1,0 +1,261 @@
+"""`Generator.generate_detailed`, `compare` on two tiny models (deltas and bootstrap intervals checked by
+hand), few-shot contenders, the report, and `tunelab eval` end to end on a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.data import templates
+from tunelab.errors import DataError, TunelabError
+from tunelab.evaluate.compare import compare, paired_bootstrap
+from tunelab.evaluate.predict import EvalSettings, examples_from_rows, parse_contender
+from tunelab.generate import Generation, Generator
+
+QA = templates.resolve("qa", "qa")
+COUNTRIES = [("France", "Paris"), ("Peru", "Lima"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Egypt", "Cairo")]  # fmt: skip
+ROWS = [
+    {"question": f"What is the capital of {c}?", "answer": f"The capital of {c} is {k}.", "relation": "capital" if i < 3 else "other"}
+    for i, (c, k) in enumerate(COUNTRIES)
+]  # fmt: skip
+RIGHT = [r["answer"] for r in ROWS]
+# Model A: right on 0 and 1, then one planted failure each.
+A_ANSWERS = RIGHT[:2] + ["", "Lima Lima Lima Lima", "The capital of Chile is Lima.", "What is the capital of Egypt? I do not know."]  # fmt: skip
+# Model B: right on 0-4; example 5 runs out of tokens mid-sentence.
+B_ANSWERS = RIGHT[:5] + ["The capital of Egypt is"]
+
+
+def force_tokens(model, ids: list[int], eos: int):
+    """Make a real model emit `ids` then EOS, whatever the prompt (hook on the output head)."""
+    calls = {"n": 0}
+
+    def hook(module, inputs, out):
+        step = calls["n"]
+        calls["n"] += 1
+        target = ids[step] if step < len(ids) else eos
+        out = out.clone()
+        out[..., -1, :] = -1e9
+        out[..., -1, target] = 0.0
+        return out
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_generate_detailed_reports_why_generation_ended(llama_dir):
+    gen = Generator.load(str(llama_dir), device="cpu")
+    tok = gen.tokenizer
+    text = "The capital of France is Paris."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    handle = force_tokens(gen.model, ids, tok.eos_token_id)
+    try:
+        done = gen.generate_detailed(["What is the capital of France?"], max_new_tokens=40)
+        assert done == [Generation(text, "stop", done[0].prompt_tokens, len(ids))]
+        assert done[0].prompt_tokens == len(tok("What is the capital of France?")["input_ids"])
+    finally:
+        handle.remove()
+    handle = force_tokens(gen.model, ids, tok.eos_token_id)
+    try:
+        cut = gen.generate_detailed(["q"], max_new_tokens=3)[0]
+        assert (cut.finish_reason, cut.completion_tokens) == ("length", 3)
+        assert cut.text == tok.decode(ids[:3])
+    finally:
+        handle.remove()
+    handle = force_tokens(gen.model, ids, tok.eos_token_id)
+    try:
+        stopped = gen.generate_detailed(["q"], max_new_tokens=40, stop_strings=[" is"])[0]
+        assert (stopped.text, stopped.finish_reason) == ("The capital of France", "stop")
+    finally:
+        handle.remove()
+    handle = force_tokens(gen.model, ids, tok.eos_token_id)
+    try:
+        assert gen.generate(["q"], max_new_tokens=40) == [text]  # the plain API still returns strings
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Scripted(Generator):
+    """A real model and tokenizer (so held-out loss is real) whose answers are scripted by question."""
+
+    answers: dict[str, str] = field(default_factory=dict)
+
+    def generate_detailed(self, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, batch_size=32, raw=False, stop_strings=None):  # fmt: skip
+        out = []
+        for p in prompts:
+            text = next(a for q, a in self.answers.items() if q in p)
+            reason = "length" if text.endswith(" is") else "stop"  # B's unfinished sentence
+            out.append(Generation(text, reason, len(p), len(text.split())))
+        return out
+
+
+def scripted(model_dir: Path, answers: list[str], template) -> Scripted:
+    g = Generator.load(str(model_dir), device="cpu")
+    return Scripted(g.model, g.tokenizer, template, {r["question"]: a for r, a in zip(ROWS, answers)})
+
+
+@pytest.fixture(scope="module")
+def result(tiny_models):
+    a = scripted(tiny_models["llama"], A_ANSWERS, None)  # a base model: no template of its own
+    b = scripted(tiny_models["qwen2"], B_ANSWERS, QA)
+    return compare([a, b], ROWS, EvalSettings(device="cpu"), group_by="relation", labels=["base", "tuned"])
+
+
+def test_compare_metrics_and_deltas_by_hand(result):
+    assert result.labels == ["base", "tuned"]
+    assert [m.template for m in result.models] == ["qa", "qa"]  # the base is asked in the run's template
+    assert result.mean("base", "exact_match_norm") == pytest.approx(2 / 6)
+    assert result.mean("tuned", "exact_match_norm") == pytest.approx(5 / 6)
+    d = next(d for d in result.deltas if d.metric == "exact_match_norm")
+    assert (d.model, d.baseline, d.delta) == ("tuned", "base", pytest.approx(0.5))
+    assert (d.wins, d.ties, d.losses) == (3, 3, 0)
+    # Per-example differences are [0, 0, 1, 1, 1, 0]: a resample's mean is Binomial(6, 1/2) / 6, whose
+    # 2.5% and 97.5% quantiles are 1/6 and 5/6 (P(k=0) = P(k=6) = 1/64 < 2.5% < P(k<=1) = 7/64).
+    assert (d.low, d.high) == (pytest.approx(1 / 6), pytest.approx(5 / 6))
+    again = paired_bootstrap(result.model("base").scores("exact_match_norm"), result.model("tuned").scores("exact_match_norm"), 1000, 0)  # fmt: skip
+    assert again == (d.delta, d.low, d.high)  # seeded: the same interval every time
+    assert all(x.low <= x.delta <= x.high for x in result.deltas)
+    assert result.corpus_bleu["tuned"] > result.corpus_bleu["base"]
+
+
+def test_compare_loss_is_the_training_loops_eval_loss(result, tiny_models):
+    from tunelab.data.dataset import encode_records
+    from tunelab.generate import Generator
+    from tunelab.train.loop import evaluate
+
+    examples = examples_from_rows(ROWS)
+    for label, kind in (("base", "llama"), ("tuned", "qwen2")):
+        g = Generator.load(str(tiny_models[kind]), device="cpu")
+        encoded = encode_records([e.record for e in examples], QA, g.tokenizer, 512)
+        expected = evaluate(g.model, encoded, 8192, torch.device("cpu"))
+        m = result.model(label)
+        assert m.loss == pytest.approx(expected, rel=1e-5)
+        assert m.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
+    assert result.model("base").loss != result.model("tuned").loss
+
+
+def test_compare_errors_groups_and_disagreements(result):
+    base, tuned = result.errors["base"], result.errors["tuned"]
+    assert {k: v for k, v in base.counts.items() if v} == {
+        "empty": 1,
+        "repetitive": 1,
+        "copies_prompt": 1,
+        "wrong_format": 1,
+    }
+    assert {k: v for k, v in tuned.counts.items() if v} == {"did_not_stop": 1, "wrong_format": 1}
+    assert base.examples["empty"][0].index == 2
+    assert result.groups["capital"]["base"]["exact_match_norm"] == pytest.approx(2 / 3)
+    assert result.groups["other"]["tuned"]["exact_match_norm"] == pytest.approx(2 / 3)
+    assert result.groups["other"]["base"]["n"] == 3
+    assert sorted(result.disagreements[:3]) == [2, 3, 4] and result.disagreements[3:] == [5]
+
+
+def test_compare_writes_jsonl_summary_and_report(result, tmp_path):
+    from tunelab.evaluate.report import write_report
+
+    preds, summary = result.write(tmp_path / "eval")
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(lines) == 12 and lines[0]["model"] == "base" and lines[1]["model"] == "tuned"
+    assert lines[6]["prediction"] == "Lima Lima Lima Lima" and lines[6]["errors"] == [
+        "repetitive",
+        "wrong_format",
+    ]
+    assert lines[0]["columns"] == {"relation": "capital"}
+    s = json.loads(summary.read_text())
+    assert s["models"]["tuned"]["exact_match_norm"] == pytest.approx(5 / 6)
+    assert s["models"]["base"]["errors"]["counts"]["empty"] == 1
+    md, page = write_report(result, tmp_path)
+    text = md.read_text()
+    assert "| exact_match_norm | 0.333 | 0.833 (+0.500 [+0.167, +0.833]) |" in text
+    assert "![eval-metrics](plots/eval-metrics.png)" in text
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<img" in html and 'src="plots' not in html
+    assert (tmp_path / "plots" / "eval-errors.png").stat().st_size > 1000
+
+
+def test_fewshot_contender_prompts_with_training_examples(llama_dir):
+    train = [{"question": f"Which continent is {c} in?", "answer": f"{c} is on Earth."} for c, _ in COUNTRIES]
+    assert parse_contender(f"fewshot:2:{llama_dir}").shots == 2
+    with pytest.raises(TunelabError, match="needs training examples"):
+        compare([f"fewshot:2:{llama_dir}"], ROWS[:2])
+    with pytest.raises(TunelabError, match="no row has a 'country' column"):  # before any model loads
+        compare(["no/such/model"], ROWS, group_by="country")
+    res = compare(
+        [f"fewshot:2:{llama_dir}"], ROWS[:2], EvalSettings(max_new_tokens=4, device="cpu", with_loss=False), train_rows=train + ROWS[:1]
+    )  # fmt: skip
+    m = res.models[0]
+    assert m.label == "2-shot llama" and m.template == "qa" and m.loss is None
+    prompt = m.predictions[1].prompt
+    assert prompt.count("### Question:") == 3 and prompt.endswith(
+        "What is the capital of Peru?\n\n### Answer:\n"
+    )
+    assert "capital of France" not in prompt  # a test question is never shown as a shot
+    assert m.predictions[0].finish_reason in ("stop", "length") and m.predictions[0].completion_tokens <= 4
+
+
+def test_rows_in_other_schemas():
+    alpaca = examples_from_rows([{"instruction": "Name the capital.", "input": "France", "output": "Paris"}])
+    assert (alpaca[0].question, alpaca[0].reference) == ("Name the capital.\n\nFrance", "Paris")
+    chat = examples_from_rows(
+        [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+    )
+    assert (chat[0].question, chat[0].reference) == ("Hi?", "Hello.")
+    with pytest.raises(DataError, match="raw text"):
+        examples_from_rows([{"text": "just prose"}])
+
+
+def _parser():
+    from tunelab.evaluate.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_eval_cli_on_a_run_directory(tmp_path, tiny_models, qa_file):
+    """A run dir (config.yaml naming its base, final/ with the template, metrics.jsonl): `tunelab eval`
+    compares it with its base and writes the report with the run's loss curves."""
+    from tunelab.config import DataConfig, ModelConfig, RunConfig, save_config
+
+    run = tmp_path / "myrun"
+    shutil.copytree(tiny_models["qwen2"], run / "final")
+    (run / "final" / "tunelab_template.json").write_text(json.dumps(dataclasses.asdict(QA)))
+    cfg = RunConfig(
+        model=ModelConfig(name_or_path=str(tiny_models["llama"])), data=DataConfig(path=str(qa_file))
+    )
+    save_config(cfg, run / "config.yaml")
+    records = [
+        {"step": 0, "eval_loss": 6.0},
+        {"step": 5, "loss": 4.0},
+        {"step": 10, "loss": 3.0, "eval_loss": 3.5},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    args = _parser().parse_args(
+        ["eval", str(run), "--data", str(qa_file), "--limit", "4", "--max-new-tokens", "4", "--quiet", "--bootstrap", "200"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    s = json.loads((run / "eval" / "summary.json").read_text())
+    assert list(s["models"]) == ["llama", "myrun"] and s["n_examples"] == 4
+    assert s["models"]["llama"]["template"] == "qa" and s["models"]["myrun"]["loss"] > 0
+    assert {d["metric"] for d in s["deltas"]} == {
+        "exact_match",
+        "exact_match_norm",
+        "contains",
+        "rouge_l",
+        "bleu",
+    }
+    assert (run / "plots" / "loss.png").exists()
+    assert "![loss](plots/loss.png)" in (run / "report.md").read_text()
+    assert (run / "report.html").read_text().count("data:image/png;base64,") == 3
+
+    with pytest.raises(TunelabError, match="--train-data"):
+        args = _parser().parse_args(["compare", f"fewshot:1:{tiny_models['llama']}", "--data", str(qa_file)])
+        args.func(args)

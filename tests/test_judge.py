@@ -1,0 +1,207 @@
+"""LLM-as-judge against a real OpenAI-compatible HTTP server on 127.0.0.1 (http.server in a thread):
+retries after a 500, the on-disk cache (a rerun makes zero requests), bounded concurrency, pairwise
+order swapping, and the judge inside `compare`."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate import judge as J
+
+
+class FakeJudge:
+    """A judge that scores 5 when the candidate repeats the reference, else 1; pairwise it picks the
+    answer equal to the reference, or always [[A]] when `biased` (a position-biased judge)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.fail_first = 0  # answer the next N requests with HTTP 500
+        self.status = 200
+        self.biased = False
+        self.delay_s = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+    def reply(self, body: dict) -> str:
+        text = body["messages"][-1]["content"]
+        ref = re.search(r"\[Reference answer\]\n(.*?)\n\n", text, re.S).group(1)
+        if "[Candidate answer]" in text:
+            cand = re.search(r"\[Candidate answer\]\n(.*?)\n\nGive", text, re.S).group(1)
+            return f"The answer {'matches' if cand == ref else 'differs'}.\nScore: {5 if cand == ref else 1}"
+        if self.biased:
+            return "The first one reads better. [[A]]"
+        first = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.S).group(1)
+        second = re.search(r"\[Answer B\]\n(.*?)\n\nWhich", text, re.S).group(1)
+        return (
+            "[[A]]"
+            if first == ref and second != ref
+            else "[[B]]"
+            if second == ref and first != ref
+            else "[[tie]]"
+        )
+
+
+@pytest.fixture
+def server():
+    fake = FakeJudge()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with fake.lock:
+                fake.requests.append(
+                    {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                )
+                fake.in_flight += 1
+                fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                failing = fake.fail_first > 0
+                fake.fail_first -= failing
+            time.sleep(fake.delay_s)
+            with fake.lock:
+                fake.in_flight -= 1
+            if failing or fake.status != 200:
+                code = 500 if failing else fake.status
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(b'{"error": "try again"}')
+                return
+            content = fake.reply(body)
+            out = json.dumps(
+                {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield fake
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def config(server, tmp_path, **kw) -> J.JudgeConfig:
+    return J.JudgeConfig(url=server.url, model="judge-1", cache_dir=tmp_path / "cache", backoff_s=0.01, **kw)
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is the capital of Peru?",
+    "What is the capital of Japan?",
+]
+REFS = ["The capital of France is Paris.", "The capital of Peru is Lima.", "The capital of Japan is Tokyo."]
+
+
+def test_endpoint_forms():
+    assert J.endpoint("http://h:1") == "http://h:1/v1/chat/completions"
+    assert J.endpoint("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert J.endpoint("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+
+
+def test_parse_replies():
+    assert J.parse_score("Close enough.\nScore: 4") == 4
+    assert J.parse_score("**Score:** 2") == 2
+    assert J.parse_score("3") == 3
+    assert J.parse_score("I would say six") is None
+    assert J.parse_verdict("B is better [[B]]") == "B"
+    assert J.parse_verdict("[[tie]]") == "TIE"
+    assert J.parse_verdict("no idea") is None
+
+
+def test_rubric_retries_after_500_then_caches(server, tmp_path):
+    server.fail_first = 1
+    answers = [REFS[0], "Lima, I think", REFS[2]]
+    with J.JudgeClient(config(server, tmp_path, concurrency=1, api_key="sk-test")) as client:
+        assert J.grade(client, QUESTIONS, REFS, answers) == [5, 1, 5]
+        assert client.requests_made == 4  # three questions + one retry of the 500
+    assert len(server.requests) == 4
+    first = server.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["body"]["model"] == "judge-1"
+    assert first["auth"] == "Bearer sk-test" and first["body"]["temperature"] == 0.0
+
+    with J.JudgeClient(config(server, tmp_path)) as again:  # a rerun: everything from the cache
+        assert J.grade(again, QUESTIONS, REFS, answers) == [5, 1, 5]
+        assert (again.requests_made, again.cache_hits) == (0, 3)
+    assert len(server.requests) == 4
+    with J.JudgeClient(config(server, tmp_path)) as other:  # the key includes the answer graded
+        assert J.grade(other, QUESTIONS[:1], REFS[:1], ["Paris"]) == [1]
+        assert other.requests_made == 1
+
+
+def test_concurrency_is_bounded(server, tmp_path):
+    server.delay_s = 0.05
+    with J.JudgeClient(config(server, tmp_path, concurrency=2)) as client:
+        J.grade(client, [f"q{i}" for i in range(8)], ["r"] * 8, [f"a{i}" for i in range(8)])
+    assert len(server.requests) == 8
+    assert server.max_in_flight == 2
+
+
+def test_errors_give_up_or_fail_fast(server, tmp_path):
+    server.fail_first = 100
+    with J.JudgeClient(config(server, tmp_path, retries=2)) as client:
+        with pytest.raises(TunelabError, match="failed 3 times; last: HTTP 500"):
+            client.complete([{"role": "user", "content": "x"}])
+    server.fail_first, server.status = 0, 401
+    before = len(server.requests)
+    with J.JudgeClient(config(server, tmp_path)) as client:
+        with pytest.raises(TunelabError, match="refused the request: HTTP 401"):
+            client.complete([{"role": "user", "content": "y"}])
+    assert len(server.requests) == before + 1  # a 4xx is not retried
+
+
+def test_pairwise_swaps_order_to_cancel_position_bias(server, tmp_path):
+    a = [REFS[0], "wrong", REFS[2]]
+    b = [REFS[0], REFS[1], "wrong"]
+    with J.JudgeClient(config(server, tmp_path)) as client:
+        assert J.prefer(client, QUESTIONS, REFS, a, b) == [0.5, 1.0, 0.0]
+    # Every pair is asked in both orders; the first pair's answers are equal, so its two orders are
+    # the same question, asked once.
+    assert len(server.requests) == 5
+    server.biased = True
+    with J.JudgeClient(config(server, tmp_path / "fresh")) as client:
+        assert J.prefer(client, QUESTIONS, REFS, a, b) == [0.5, 0.5, 0.5]
+
+
+def test_judge_inside_compare(server, tmp_path, tiny_models):
+    from tunelab.evaluate.compare import compare
+    from tunelab.evaluate.predict import EvalSettings
+    from tunelab.generate import Generation, Generator
+
+    class Canned(Generator):
+        def generate_detailed(self, prompts, *args, **kwargs):
+            return [Generation(self.answers.get(p, "no idea."), "stop", 1, 2) for p in prompts]
+
+    rows = [{"question": q, "answer": r} for q, r in zip(QUESTIONS, REFS)]
+    g = Generator.load(str(tiny_models["llama"]), device="cpu")
+    base, tuned = Canned(g.model, g.tokenizer, None), Canned(g.model, g.tokenizer, None)
+    base.answers = {QUESTIONS[0]: REFS[0]}
+    tuned.answers = dict(zip(QUESTIONS, REFS))
+    settings = EvalSettings(device="cpu", with_loss=False)
+
+    res = compare([base, tuned], rows, settings, judge=config(server, tmp_path), labels=["base", "tuned"])
+    assert "judge" in res.metrics
+    assert res.model("base").scores("judge") == [5.0, 1.0, 1.0]
+    d = next(d for d in res.deltas if d.metric == "judge")
+    assert d.delta == pytest.approx(8 / 3) and d.low <= d.delta <= d.high
+    # Both models gave the same first answer: the identical prompt is asked once.
+    assert (res.judge["requests"], res.judge["cache_hits"]) == (5, 1)
+
+    pair = config(server, tmp_path, mode="pairwise")
+    res = compare([base, tuned], rows, settings, judge=pair, labels=["base", "tuned"])
+    (p,) = res.pairwise
+    assert (p.model, p.baseline, p.wins, p.ties, p.losses) == ("tuned", "base", 2, 1, 0)
+    assert p.delta == pytest.approx(2.5 / 3) and p.low <= p.delta <= p.high

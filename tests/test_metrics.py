@@ -1,0 +1,190 @@
+"""Metrics against hand-computed values, every error category planted and detected, and the paired
+bootstrap checked by hand. No model is loaded here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate import errors as E
+from tunelab.evaluate.compare import bootstrap_mean, paired_bootstrap
+from tunelab.evaluate.metrics import (
+    bleu,
+    contains,
+    corpus_bleu,
+    exact_match,
+    exact_match_norm,
+    load_user_metric,
+    normalize,
+    resolve_metrics,
+    rouge_l,
+    score,
+)
+
+
+def test_normalize_is_squad_normalisation():
+    assert normalize("  The Capital, of  France! ") == "capital of france"
+    assert normalize("An apple a day") == "apple day"
+    assert normalize("there's theory") == "theres theory"  # articles only as whole words
+
+
+def test_exact_match_raw_and_normalised():
+    assert exact_match(" Paris\n", "Paris") == 1.0
+    assert exact_match("paris", "Paris") == 0.0
+    assert exact_match_norm("paris", "Paris.") == 1.0
+    assert exact_match_norm("The capital is Paris", "capital is Paris!") == 1.0
+    assert exact_match_norm("Lyon", "Paris") == 0.0
+
+
+def test_contains_on_word_boundaries():
+    assert contains("I think the answer is Paris, of course.", "Paris") == 1.0
+    assert contains("Parisian food", "Paris") == 0.0
+    assert contains("anything", "") == 0.0  # an empty reference is contained nowhere, not everywhere
+
+
+def test_rouge_l_hand_computed():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 words; P = R = 5/6.
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    # LCS("a b c", "a c") = 2: P = 2/3, R = 1, F = 2PR/(P+R) = 0.8
+    assert rouge_l("a b c", "a c") == pytest.approx(0.8)
+    assert rouge_l("xyz", "a c") == 0.0
+
+
+def test_bleu_hand_computed():
+    assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert bleu("completely different words here", "the cat sat on the mat") == pytest.approx(0.0, abs=1e-6)
+    # Every n-gram precision is 1; only the brevity penalty exp(1 - 7/6) applies.
+    expected = 100 * math.exp(1 - 7 / 6)
+    assert corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat today"]) == pytest.approx(
+        expected, abs=0.01
+    )
+
+
+def test_user_metric_from_file_and_module(tmp_path, monkeypatch):
+    (tmp_path / "myscores.py").write_text(
+        "def first_word(p, r):\n    return float(p.split()[:1] == r.split()[:1])\n"
+    )
+    by_file = load_user_metric(f"{tmp_path / 'myscores.py'}:first_word")
+    assert by_file.name == "first_word"
+    assert by_file.fn("Paris is big", "Paris.") == 0.0  # 'Paris' != 'Paris.'
+    assert by_file.fn("Paris is big", "Paris") == 1.0
+    monkeypatch.syspath_prepend(str(tmp_path))
+    metrics = resolve_metrics(["myscores:first_word"])
+    assert [m.name for m in metrics] == [
+        "exact_match",
+        "exact_match_norm",
+        "contains",
+        "rouge_l",
+        "bleu",
+        "first_word",
+    ]
+    scores = score("Lima is the capital", "Lima", metrics)
+    assert scores["first_word"] == 1.0 and scores["contains"] == 1.0 and scores["exact_match"] == 0.0
+
+
+def test_user_metric_errors_are_for_people(tmp_path, monkeypatch):
+    with pytest.raises(TunelabError, match="module:function"):
+        load_user_metric("no_colon_here")
+    with pytest.raises(TunelabError, match="cannot import"):
+        load_user_metric("surely_not_a_module_xyz:f")
+    (tmp_path / "m2.py").write_text("def boom(p, r):\n    raise ZeroDivisionError('x')\n")
+    with pytest.raises(TunelabError, match="has no function 'nope'"):
+        load_user_metric(f"{tmp_path / 'm2.py'}:nope")
+    boom = load_user_metric(f"{tmp_path / 'm2.py'}:boom")
+    with pytest.raises(TunelabError, match="metric 'boom' failed"):
+        score("a", "b", [boom])
+
+
+# ------------------------------------------------------------------ error analysis
+
+REF = "The capital of France is Paris."
+Q = "What is the capital of France?"
+
+
+@pytest.mark.parametrize(
+    ("prediction", "finish", "expected"),
+    [
+        ("The capital of France is Paris.", "stop", []),
+        ("   ", "stop", ["empty"]),
+        ("The capital of France is Paris. It is", "length", ["did_not_stop", "wrong_format"]),
+        ("Paris Paris Paris Paris.", "stop", ["repetitive"]),
+        ("The capital of France is Paris. The capital of France is Paris.", "stop", ["repetitive"]),
+        (
+            "The capital of France is Paris, a city on the Seine with many museums, bridges, cafes, parks, "
+            "old churches and a famous iron tower built for a fair.",
+            "stop",
+            ["too_long"],
+        ),
+        ("What is the capital of France? Paris.", "stop", ["copies_prompt"]),
+        ("The capital of France is Paris", "stop", ["wrong_format"]),
+    ],
+)
+def test_every_error_category_is_detected(prediction, finish, expected):
+    assert E.analyse(prediction, REF, Q, finish) == expected
+
+
+def test_format_regex_and_json_references():
+    rules = E.ErrorRules(format_regex=r"[A-Z][a-z]+")
+    assert E.analyse("Paris", "Paris", "q", "stop", rules) == []
+    assert E.analyse("paris is it", "Paris", "q", "stop", rules) == ["wrong_format"]
+    assert E.wrong_format('{"city": "Paris"}', '{"city": "Lima"}') is False
+    assert E.wrong_format("city: Paris", '{"city": "Lima"}') is True
+    assert E.wrong_format("Paris", "Paris") is False  # a bare reference asks for no shape
+
+
+def test_repetition_rules():
+    assert E.is_repetitive("very very very good")
+    assert not E.is_repetitive("The capital of France is Paris.")
+    assert E.is_repetitive("哈哈哈哈哈哈哈哈哈哈哈哈")  # no spaces: characters
+    assert not E.is_repetitive("1000000")
+    assert not E.is_repetitive("Mississippi")
+
+
+def test_summary_counts_and_examples():
+    preds = ["", "Paris Paris Paris", "The capital of France is Paris.", "", "x"]
+    cats = [E.analyse(p, REF, Q, "stop") for p in preds]
+    s = E.summarise(cats, [Q] * 5, preds, [REF] * 5, max_examples=1)
+    assert s.counts["empty"] == 2 and s.counts["repetitive"] == 1
+    assert s.flagged == 4 and s.clean == 1
+    assert [e.index for e in s.examples["empty"]] == [0]  # capped at max_examples
+    assert s.to_dict()["counts"]["wrong_format"] == 2  # "x" and the loop do not end like a sentence
+
+
+# ------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_hand_checked():
+    # Constant differences: every resample has the same mean.
+    assert paired_bootstrap([0, 0, 0, 0], [1, 1, 1, 1]) == (1.0, 1.0, 1.0)
+    # Differences [0, 1]: resample means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the 95%
+    # interval runs from 0 to 1 around the observed 0.5.
+    assert paired_bootstrap([0, 0], [0, 1], resamples=2000) == (0.5, 0.0, 1.0)
+    # NaN (no score) on either side drops the example from the pairing.
+    assert paired_bootstrap([0, math.nan, 0], [1, 1, 1])[0] == 1.0
+
+
+def test_bootstrap_is_seeded():
+    a = [0.1, 0.9, 0.0, 0.7, 0.8, 0.2, 0.0, 0.6, 0.3, 0.0, 1.0, 0.4]
+    b = [0.9, 1.0, 0.1, 0.7, 0.9, 0.8, 0.0, 0.9, 0.8, 0.2, 1.0, 0.9]
+    first = paired_bootstrap(a, b, resamples=1000, seed=3)
+    assert first == paired_bootstrap(a, b, resamples=1000, seed=3)
+    assert first[0] == pytest.approx((sum(b) - sum(a)) / 12)
+    assert first[1] < first[0] < first[2]
+    assert paired_bootstrap(a, b, resamples=1000, seed=4)[1:] != first[1:]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=2, max_size=40))
+def test_bootstrap_interval_contains_the_observed_delta(pairs):
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    delta, low, high = paired_bootstrap(a, b, resamples=300, seed=0)
+    assert delta == pytest.approx(sum(b) / len(b) - sum(a) / len(a))
+    assert low - 1e-12 <= delta <= high + 1e-12
+
+
+def test_bootstrap_mean_of_nothing_is_nan():
+    assert all(math.isnan(v) for v in bootstrap_mean([math.nan, math.nan]))
