@@ -57,7 +57,7 @@ def test_jsonl_nul_and_non_objects_and_broken_json(tmp_path):
         (1, "contains a NUL byte"),
         (2, "expected an object with named fields, got list"),
         (3, "expected an object with named fields, got int"),
-        (4, "not valid JSON (Expecting value at column 7)"),
+        (4, "not valid JSON (Expecting value: column 7)"),
     ]
     assert result.rejects[1].raw == "[1, 2]"
 
@@ -98,6 +98,13 @@ def test_json_object_with_rows_keeps_file_lines(tmp_path):
     assert [(r.line, r.data["q"]) for r in result.rows] == [(4, "a"), (6, "b")]
 
 
+def test_json_object_with_rows_rejects_bad_bytes_per_element(tmp_path):
+    data = b'{"data": [\n{"q": "a"},\n{"q": "\xff"}\n]}'
+    result = read_rows(_write(tmp_path / "d.json", data), on_bad_row="skip")
+    assert [(r.line, r.data) for r in result.rows] == [(2, {"q": "a"})]
+    assert [(r.line, r.reason) for r in result.rejects] == [(3, "invalid UTF-8 (byte 8 of the row)")]
+
+
 def test_json_element_level_rejects_under_skip(tmp_path):
     data = b'[{"q": "a"}, 3, {"q": "\xff"}, {"q": "b"}]'
     result = read_rows(_write(tmp_path / "d.json", data), on_bad_row="skip")
@@ -111,7 +118,7 @@ def test_json_element_level_rejects_under_skip(tmp_path):
 @pytest.mark.parametrize(
     "data, line, reason",
     [
-        (b'[\n{"q": "a"},\n{"q": }\n]', 3, "not valid JSON (Expecting value at column 7)"),
+        (b'[\n{"q": "a"},\n{"q": }\n]', 3, "not valid JSON (Expecting value: column 7)"),
         (b'[{"q": "a"}]\n[{"q": "b"}]', 2, "text after the closing ']' of the JSON array"),
         (b'[{"q": "a"},\n', 2, "the JSON array is not closed with ']'"),
         (b'"just a string"', 1, "expected a JSON array of objects"),

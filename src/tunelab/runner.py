@@ -161,6 +161,21 @@ def run(
         lo = cfg.lora
         seed_everything(cfg.train.seed)  # the adapter's init draws from torch's RNG: same config, same start
         model = apply_lora(model, method, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.modules_to_save)
+    elif method != "full":
+        # `--from` a LoRA run: its adapter keeps training with its own shape; record that shape.
+        pc = model.peft_config["default"]
+        targets = pc.target_modules if isinstance(pc.target_modules, str) else sorted(pc.target_modules)
+        cfg = dataclasses.replace(
+            cfg,
+            lora=dataclasses.replace(
+                cfg.lora,
+                r=pc.r,
+                alpha=pc.lora_alpha,
+                dropout=pc.lora_dropout,
+                target_modules=targets,
+                modules_to_save=sorted(pc.modules_to_save or []),
+            ),
+        )
 
     # The resolved config: the template is written out, so inference renders exactly like training.
     resolved = dataclasses.replace(

@@ -8,11 +8,11 @@ a `Finding`; blocking ones stop `train` (data.check=block) and make `tunelab dat
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -94,14 +94,15 @@ def _where(r: Record) -> str:
     return f"{r.source}:{r.line}"
 
 
-def _near_key(values: dict[str, Any]) -> tuple[Any, ...]:
+def _key(values: dict[str, Any], norm: Callable[[str], str]) -> tuple[Any, ...]:
+    """A hashable form of a record's values, each text passed through `norm`."""
     out: list[Any] = []
     for role in sorted(values):
         v = values[role]
         if isinstance(v, list):
-            out.append((role, tuple((m["role"], normalise(m["content"])) for m in v)))
+            out.append((role, tuple((m["role"], norm(m["content"])) for m in v)))
         else:
-            out.append((role, normalise(v)))
+            out.append((role, norm(v)))
     return tuple(out)
 
 
@@ -127,8 +128,8 @@ def _empty_fields(records: list[Record], schema: str, fields: dict[str, str]) ->
 
 
 def _duplicates(records: list[Record]) -> tuple[int, int]:
-    exact = {json.dumps(r.values, sort_keys=True, ensure_ascii=False) for r in records}
-    near = {_near_key(r.values) for r in records}
+    exact = {_key(r.values, str) for r in records}
+    near = {_key(r.values, normalise) for r in records}
     return len(records) - len(exact), len(exact) - len(near)
 
 
@@ -215,7 +216,7 @@ def _file_counts(loaded: LoadedRecords) -> dict[str, dict[str, int]]:
 
 
 def reason_kind(reason: str) -> str:
-    """Rejects are counted by kind: 'not valid JSON (Expecting value at column 3)' -> 'not valid JSON'."""
+    """Rejects are counted by kind: 'not valid JSON (Expecting value: column 3)' -> 'not valid JSON'."""
     return reason.split(" (")[0]
 
 

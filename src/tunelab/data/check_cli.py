@@ -17,7 +17,14 @@ from typing import Any
 
 from tunelab.config import DataConfig, RunConfig
 from tunelab.data.check import analyse, settings_from_config
-from tunelab.data.check_report import DEFAULT_MAX_LEAKAGE, Finding, Report, epoch_line
+from tunelab.data.check_report import (
+    DEFAULT_MAX_LEAKAGE,
+    STAT_ROWS,
+    Finding,
+    Report,
+    epoch_line,
+    quantile_cell,
+)
 from tunelab.data.formats import Reject
 from tunelab.errors import DataError, TunelabError
 
@@ -122,7 +129,7 @@ def run_check(
     except DataError as e:
         if e.line is None:
             raise
-        return Report(findings=[Finding("blocking", "bad_row", str(e))]), []
+        return Report(findings=[Finding("blocking", "bad_row", e.message)]), []
 
 
 def handle_check(args: argparse.Namespace) -> int:
@@ -165,12 +172,11 @@ def print_report(report: Report) -> None:
         files.add_row(name, str(c["train"]), str(c["eval"]), str(c["rejected"]))
     console.print(files)
     splits = Table("", *report.splits)
-    for name in ("rows", "truncated", "completion_tokens_lost", "zero_trainable", "exact_duplicates",
-                 "near_duplicates", "tokens", "trainable_tokens"):  # fmt: skip
+    for name in STAT_ROWS:
         splits.add_row(name, *(f"{getattr(s, name):,}" for s in report.splits.values()))
     for part in ("prompt", "completion", "total"):
-        cells = [getattr(s, f"{part}_tokens") for s in report.splits.values()]
-        splits.add_row(f"{part} p50/p90/p99/max", *("-" if q is None else f"{q.p50}/{q.p90}/{q.p99}/{q.max}" for q in cells))  # fmt: skip
+        cells = [quantile_cell(getattr(s, f"{part}_tokens")) for s in report.splits.values()]
+        splits.add_row(f"{part} tokens p50/p90/p99/max", *cells)
     console.print(splits)
     if report.tokenizer is not None:
         t = report.tokenizer

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 # Leakage above this fraction of eval rows blocks: one stray overlap in a few hundred hand-collected
 # rows is common and worth a warning, a percent of the eval set visibly inflates eval scores.
 DEFAULT_MAX_LEAKAGE = 0.01
+# The per-split counts shown as table rows (terminal and Markdown).
+STAT_ROWS = ("rows", "truncated", "completion_tokens_lost", "zero_trainable", "exact_duplicates",
+             "near_duplicates", "tokens", "trainable_tokens")  # fmt: skip
 
 
 @dataclass
@@ -113,13 +117,12 @@ class Report:
         lines += ["", "| file | train | eval | rejected |", "|---|---|---|---|"]
         lines += [f"| {f} | {c['train']} | {c['eval']} | {c['rejected']} |" for f, c in self.files.items()]
         lines += ["", "| | " + " | ".join(self.splits) + " |", "|---|" + "---|" * len(self.splits)]
-        for name in ("rows", "truncated", "completion_tokens_lost", "zero_trainable", "exact_duplicates",
-                     "near_duplicates", "tokens", "trainable_tokens"):  # fmt: skip
+        for name in STAT_ROWS:
             lines.append(
                 f"| {name} | " + " | ".join(str(getattr(s, name)) for s in self.splits.values()) + " |"
             )
         for part in ("prompt", "completion", "total"):
-            cells = [_q(getattr(s, f"{part}_tokens")) for s in self.splits.values()]
+            cells = [quantile_cell(getattr(s, f"{part}_tokens")) for s in self.splits.values()]
             lines.append(f"| {part} tokens p50/p90/p99/max | " + " | ".join(cells) + " |")
         if self.tokenizer is not None:
             t = self.tokenizer
@@ -130,12 +133,13 @@ class Report:
         lines += ["", "## Examples (trained text in [[ ]])"]
         for ex in self.examples:
             text = "".join(f"[[{t}]]" if trained else t for t, trained in ex.segments)
-            lines += ["", f"{ex.source}:{ex.line}" + (" (truncated)" if ex.truncated else ""), "", "```"]
-            lines += [text, "```"]
+            fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+            lines += ["", f"{ex.source}:{ex.line}" + (" (truncated)" if ex.truncated else ""), "", fence]
+            lines += [text, fence]
         return "\n".join(lines) + "\n"
 
 
-def _q(q: Quantiles | None) -> str:
+def quantile_cell(q: Quantiles | None) -> str:
     return "-" if q is None else f"{q.p50}/{q.p90}/{q.p99}/{q.max}"
 
 

@@ -40,6 +40,7 @@ class Row:
     source: str
     line: int  # 1-based line in the file (row number for parquet / datasets)
     data: dict[str, Any]
+    raw: str = ""  # the row as in the file, for the rejects file when a later step refuses it
 
 
 @dataclass
@@ -87,7 +88,7 @@ class _Collector:
         if not isinstance(data, dict):
             self.bad(line, f"expected an object with named fields, got {type(data).__name__}", raw)
             return
-        self.result.rows.append(Row(self.source, line, data))
+        self.result.rows.append(Row(self.source, line, data, raw))
 
     def bad(self, line: int, reason: str, raw: str, hint: str | None = None) -> None:
         if self.policy == "error":
@@ -119,7 +120,7 @@ def _json_loads(text: str) -> tuple[Any, str | None]:
     try:
         return json.loads(text), None
     except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+        return None, f"not valid JSON ({e.msg}: column {e.colno})"
     except ValueError as e:  # e.g. an integer over 4300 digits (sys.set_int_max_str_digits)
         return None, f"not valid JSON ({e})"
     except RecursionError:
@@ -199,7 +200,7 @@ def _read_array(text: str, start: int, col: _Collector, whole: bool) -> None:
         except json.JSONDecodeError as e:
             # Past a syntax error the array cannot be split into rows reliably, so nothing after it
             # could be kept or counted: the file is refused as a whole.
-            col.fail(e.lineno, f"not valid JSON ({e.msg} at column {e.colno})", "fix it, or convert to JSONL")
+            col.fail(e.lineno, f"not valid JSON ({e.msg}: column {e.colno})", "fix it, or convert to JSONL")
         except (ValueError, RecursionError) as e:  # int over 4300 digits; nesting too deep
             col.fail(line, f"not valid JSON ({e})")
         raw = text[pos:end]
@@ -331,8 +332,6 @@ def read_rows(
     if fmt == "json":
         if "\x00" in text:  # never valid JSON; say what it is instead of a parser message
             col.fail(text[: text.index("\x00")].count("\n") + 1, "contains a NUL byte (binary data?)")
-        if _BAD_BYTE.search(text) and not text.lstrip().startswith("["):
-            col.fail(None, "invalid UTF-8", hint="re-save the file as UTF-8")
     {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "text": _read_text}[fmt](text, col)
     return col.result
 
