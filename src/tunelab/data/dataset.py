@@ -13,7 +13,7 @@ from tunelab.data import formats, schema, templates
 from tunelab.data.formats import Reject
 from tunelab.data.schema import Record
 from tunelab.data.templates import Template
-from tunelab.data.tokenize import IGNORE, Encoded, encode
+from tunelab.data.tokenize import IGNORE, Encoded, encode_many
 from tunelab.errors import DataError
 
 
@@ -46,7 +46,7 @@ def _records(
     from tunelab.world.build import resolve_world_path
 
     read = formats.read_rows(resolve_world_path(path), fmt, on_bad_row)
-    name = schema.detect_schema(read.rows, fields) if schema_name == "auto" else schema_name
+    name = schema.detect_schema(read.rows, fields, source=path) if schema_name == "auto" else schema_name
     records, rejects = [], list(read.rejects)
     for row in read.rows:
         try:
@@ -54,7 +54,8 @@ def _records(
         except DataError as e:
             if on_bad_row == "error":
                 raise
-            rejects.append(Reject(row.source, row.line, f"field '{e.field}': {e.reason}", str(row.data)))
+            reason = f"field '{e.field}': {e.reason}"
+            rejects.append(Reject(row.source, row.line, reason, row.raw or str(row.data)))
     if not records:
         raise DataError(
             "no usable rows", source=path, hint="see the rejects file or run `tunelab data check`"
@@ -102,18 +103,16 @@ def encode_records(
 ) -> list[Encoded]:
     # Chat templates write their own end-of-turn markup (and BOS) into the text; others get EOS here.
     chat = template.name == "chat"
-    return [
-        encode(
-            templates.render(r, template, tokenizer),
-            tokenizer,
-            max_length,
-            truncation_side,
-            train_on_prompt,
-            add_eos=not chat,
-            add_prefix=not chat,
-        )
-        for r in records
-    ]
+    segments = [templates.render(r, template, tokenizer) for r in records]
+    return encode_many(
+        segments,
+        tokenizer,
+        max_length,
+        truncation_side,
+        train_on_prompt,
+        add_eos=not chat,
+        add_prefix=not chat,
+    )
 
 
 def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[Encoded]:
