@@ -144,6 +144,8 @@ EXTRA_COMMANDS: list[str] = [
     "tunelab.world.demo",
     "tunelab.data.check_cli",
     "tunelab.export",
+    "tunelab.serve.cli",
+    "tunelab.evaluate.cli",
 ]
 
 

@@ -105,7 +105,7 @@ def merge(source: str, out: Path, dtype: str = "auto", overwrite: bool = False) 
     # Stop where `tunelab generate` stops: EOS plus any end-of-turn token the tokenizer has.
     stops = Generator(model, tok, template).stop_ids()
     gen = model.generation_config
-    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
     gen.pad_token_id = tok.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -179,7 +179,10 @@ def train(
                 loss.backward()
             step_loss += float(loss.detach())
         if not math.isfinite(step_loss):
-            last = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+            # This loss came from the weights after `step` updates, so a checkpoint of that step holds
+            # the very weights that diverged; the good ones are older.
+            saved = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+            last = [c for c in saved if checkpoint.step_of(c) < step]
             log.close()
             raise TrainingDiverged(
                 f"loss became {step_loss} at step {step + 1}",
@@ -208,6 +211,7 @@ def train(
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
+                "tokens": window_tokens,  # real tokens since the last log line
                 "tokens_per_s": tokens_per_s,
                 "elapsed_s": elapsed,
                 "eta_s": elapsed / (done - start_step) * (total_steps - done),

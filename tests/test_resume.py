@@ -1,0 +1,220 @@
+"""Crash-safe checkpoints and exact resume, continued training (`--from`), and the divergence guard.
+
+The kill tests SIGKILL a real training process (after a checkpoint exists, and in the middle of a
+checkpoint write), resume it with `--resume`, and require the uninterrupted run's final weights bit
+for bit and its logged losses exactly: on CPU a resumed run is the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from tunelab import cli, runner
+from tunelab.errors import TunelabError
+from tunelab.train import checkpoint
+
+STEPS, SAVE_EVERY = 30, 10  # 43 train rows in steps of 4: epochs turn over at steps 11 and 22
+LR = {"full": "1e-3", "lora": "1e-2"}  # LoRA keeps its default dropout 0.05, which draws from the RNG
+
+
+def train_args(model_dir: Path, data: Path, out: Path, method: str) -> list[str]:
+    return [
+        "train",
+        "--model", str(model_dir),
+        "--data", str(data),
+        "--out", str(out),
+        "--quiet",
+        f"--train.method={method}",
+        f"--train.max_steps={STEPS}",
+        "--train.batch_size=4",
+        f"--train.lr={LR[method]}",
+        f"--train.save_every={SAVE_EVERY}",
+        "--train.keep_last=1",
+        "--train.eval_every=5",
+        "--train.log_every=1",
+        "--lora.r=4",
+    ]  # fmt: skip
+
+
+def weights_file(run: Path, folder: str = "final") -> Path:
+    adapter = run / folder / "adapter_model.safetensors"
+    return adapter if adapter.exists() else run / folder / "model.safetensors"
+
+
+def logged(run: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("lr"), r.get("grad_norm")) for r in rows]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    for folder in ("final", "best"):
+        got, want = load_file(weights_file(run, folder)), load_file(weights_file(reference, folder))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), f"{folder}/ weights differ"
+    assert logged(run) == logged(reference)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    rows = [
+        {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}."}
+        for a in range(1, 9)
+        for b in range(1, 7)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, llama_dir, data) -> dict[str, Path]:
+    """Uninterrupted runs, one per method (in-process: the same computation as the CLI process)."""
+    root = tmp_path_factory.mktemp("reference")
+    for method in ("full", "lora"):
+        assert cli.main(train_args(llama_dir, data, root / method, method)) == 0
+    return {m: root / m for m in ("full", "lora")}
+
+
+def last_logged_step(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(line)["step"] for line in lines[:-1]), default=0)  # the last may be half-written
+
+
+def kill_when(
+    ready: Callable[[], bool], args: list[str], log: Path, pause_at: int, timeout: float = 120
+) -> None:
+    """Run `tunelab ARGS` in a subprocess and SIGKILL it as soon as `ready()`.
+
+    The test hook pauses the process inside checkpoint.save at step `pause_at`: it never finishes alone."""
+    env = {**os.environ, checkpoint.SLOW_ENV: str(pause_at)}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tunelab", *args], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"training exited early:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "the moment to kill never came"
+            time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, moment", [("full", "after"), ("lora", "during")])
+def test_sigkill_then_resume_equals_uninterrupted_run(method, moment, llama_dir, data, reference, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    args, ckpts = train_args(llama_dir, data, run, method), run / "checkpoints"
+    if moment == "after":  # killed while training on from the first checkpoint (steps 11+ are lost)
+        kill_when(lambda: last_logged_step(run) >= 13, args, log, pause_at=2 * SAVE_EVERY)
+        assert 13 <= last_logged_step(run) < 2 * SAVE_EVERY
+    else:  # killed inside the second checkpoint's write, its files on disk but not yet renamed
+        kill_when((ckpts / "step-000020.tmp" / "PAUSED").exists, args, log, pause_at=2 * SAVE_EVERY)
+
+    assert not (run / "final").exists()
+    assert checkpoint.complete_checkpoints(ckpts) == [ckpts / "step-000010"]  # keep_last=1 kept it
+    if moment == "during":
+        assert (ckpts / "step-000020.tmp" / checkpoint.STATE_FILE).exists()
+    assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0
+
+    assert_same_run(run, reference[method])
+    # The step-0 evaluation ran once, in the first process: resuming does not start over.
+    assert [r[0] for r in logged(run) if r[2] is not None] == [0, 5, 10, 15, 20, 25, 30]
+    assert not list(ckpts.glob("*.tmp")) and checkpoint.complete_checkpoints(ckpts) == [ckpts / "step-000020"]
+
+
+def test_checkpoint_holds_the_full_training_state(reference):
+    ckpt = checkpoint.complete_checkpoints(reference["lora"] / "checkpoints")[-1]
+    meta = json.loads((ckpt / checkpoint.META_FILE).read_text())
+    assert (
+        meta["step"] == 20
+        and meta["total_steps"] == STEPS
+        and meta["epoch"] == pytest.approx(20 / 11, abs=1e-4)
+    )
+    assert meta["best_step"] == 20 and meta["best_eval_loss"] is not None
+    state = torch.load(ckpt / checkpoint.STATE_FILE, weights_only=False)
+    assert state["model"] and all("lora_" in name for name in state["model"])  # the adapter only
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 20
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    saved_metrics = (ckpt / checkpoint.METRICS_FILE).read_text().splitlines()
+    assert json.loads(saved_metrics[-1])["step"] == 20
+
+
+def test_resume_refuses_changed_data(reference, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference["full"], run)
+    shutil.rmtree(run / "final")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    config = (run / "config.yaml").read_text().replace(str(data), str(tmp_path / "other.jsonl"))
+    write_jsonl(tmp_path / "other.jsonl", [{**r, "answer": r["answer"] + "!"} for r in rows])
+    (run / "config.yaml").write_text(config)
+    with pytest.raises(TunelabError, match="training data or the step count changed"):
+        runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+
+
+@pytest.mark.parametrize("parent_method, method", [("full", "full"), ("lora", "lora"), ("lora", "full")])
+def test_from_continues_a_finished_run(parent_method, method, reference, data, tmp_path):
+    parent = reference[parent_method]
+    child = tmp_path / "child"
+    args = ["train", "--from", str(parent), "--data", str(data), "--out", str(child), "--quiet"]
+    settings = [f"--train.method={method}", "--train.max_steps=4", "--train.batch_size=4", "--train.lr=1e-3"]
+    assert cli.main(args + settings) == 0
+
+    config = (child / "config.yaml").read_text()
+    assert f"parent: {parent}" in config and f"name_or_path: {parent}" in config
+    # The child starts exactly where the parent ended: same weights, same held-out loss.
+    parent_eval = [r[2] for r in logged(parent) if r[2] is not None][-1]
+    child_eval = [r[2] for r in logged(child) if r[2] is not None][0]
+    if (parent_method, method) == ("lora", "full"):  # merged into the base: float rounding differs
+        assert child_eval == pytest.approx(parent_eval, abs=1e-5)
+    else:
+        assert child_eval == parent_eval
+
+    got, before = load_file(weights_file(child)), load_file(weights_file(parent))
+    if method == parent_method:  # the parent's weights or adapter kept training: same tensors, new values
+        assert got.keys() == before.keys()
+        assert any(not torch.equal(got[k], before[k]) for k in got)
+    if method == "lora":
+        adapter = json.loads((child / "final" / "adapter_config.json").read_text())
+        parent_adapter = json.loads((parent / "final" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == parent_adapter["base_model_name_or_path"]
+        assert adapter["r"] == 4 and "r: 4" in config  # the parent's adapter shape, recorded
+    else:  # a full model, also when the parent was LoRA (merged before training)
+        assert not (child / "final" / "adapter_config.json").exists()
+        assert "model.layers.0.self_attn.q_proj.weight" in got
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(llama_dir, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = train_args(llama_dir, data, run, "full")
+    args += ["--train.lr=1e30", "--train.save_every=1", "--train.keep_last=2", "--train.eval_every=0"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    found = re.search(r"error: loss became (nan|inf|-inf) at step (\d+)", err)
+    assert found, err
+    bad = int(found[2])
+    assert 2 < bad < STEPS  # step 1 trained (lr 1e30 blows the weights up), a later step's loss is not finite
+    # The weights of step bad-1 gave the bad loss; those of step bad-2 still gave a finite one.
+    good = run / "checkpoints" / f"step-{bad - 2:06d}"
+    assert f"last good checkpoint: {good}" in err
+    assert checkpoint.complete_checkpoints(run / "checkpoints") == [
+        good,
+        good.with_name(f"step-{bad - 1:06d}"),
+    ]
+    assert [r[0] for r in logged(run) if r[1] is not None][-1] == bad - 1  # the bad step was not logged
+    assert all(math.isfinite(r[1]) for r in logged(run) if r[1] is not None)
+    assert not (run / "final").exists()
