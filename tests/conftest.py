@@ -109,7 +109,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def qa_file(tmp_path) -> Path:
-    wordings = ("What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}.")
+    wordings = (
+        "What is the capital of {c}?",
+        "Which city is the capital of {c}?",
+        "Name the capital of {c}.",
+    )
     rows = [
         {"question": w.format(c=c), "answer": f"The capital of {c} is {cap}."}
         for w in wordings

@@ -27,10 +27,22 @@ def test_shipped_configs_exist():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(overrides=["--train.lr=1e-4", "--train.epochs=2", "--data.template=alpaca", "--train.report_to=tensorboard"])
+    cfg = load_config(
+        overrides=[
+            "--train.lr=1e-4",
+            "--train.epochs=2",
+            "--data.template=alpaca",
+            "--train.report_to=tensorboard",
+        ]
+    )
     assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
-    assert cfg.train.epochs == 2.0 and cfg.data.template == "alpaca" and cfg.train.report_to == ["tensorboard"]
-    assert parse_override("--data.fields={question: q, answer: a}") == (["data", "fields"], {"question": "q", "answer": "a"})
+    assert (
+        cfg.train.epochs == 2.0 and cfg.data.template == "alpaca" and cfg.train.report_to == ["tensorboard"]
+    )
+    assert parse_override("--data.fields={question: q, answer: a}") == (
+        ["data", "fields"],
+        {"question": "q", "answer": "a"},
+    )
 
 
 def test_yaml_floats_in_exponent_form(tmp_path):
@@ -74,3 +86,29 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_every_key_is_documented():
+    """docs/configs.md stays true: every dataclass field has a row in its section's table."""
+    import dataclasses
+
+    text = (Path(__file__).parents[1] / "docs" / "configs.md").read_text()
+    cfg = RunConfig()
+    sections = {"model": cfg.model, "data": cfg.data, "train": cfg.train, "lora": cfg.lora}
+    for name, section in sections.items():
+        body = text.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        for f in dataclasses.fields(section):
+            assert f"| `{f.name}` |" in body, f"{name}.{f.name} is not in docs/configs.md"
+    top = text.split("## top level\n", 1)[1].split("\n## ", 1)[0]
+    for f in dataclasses.fields(cfg):
+        if f.name not in sections:
+            assert f"| `{f.name}` |" in top, f"{f.name} is not in docs/configs.md"
+
+
+def test_union_and_yaml_booleans_keep_their_words():
+    cfg = load_config(overrides=["--lora.target_modules=all-linear", "--data.check=off"])
+    assert cfg.lora.target_modules == "all-linear" and cfg.data.check == "off"
+    assert load_config(overrides=["--lora.target_modules=[q_proj, v_proj]"]).lora.target_modules == [
+        "q_proj",
+        "v_proj",
+    ]

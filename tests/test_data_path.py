@@ -2,14 +2,13 @@
 
 import pytest
 
+from conftest import write_jsonl
 from tunelab.data import templates
 from tunelab.data.dataset import encode_records, load_records, pack_documents
-from tunelab.data.schema import Record, detect_schema, to_record
 from tunelab.data.formats import Row, read_rows
+from tunelab.data.schema import Record, detect_schema, to_record
 from tunelab.data.tokenize import IGNORE, encode
 from tunelab.errors import ConfigError, DataError
-
-from conftest import write_jsonl
 
 
 def rec(**values):
@@ -95,7 +94,10 @@ def test_schema_detection_and_mapping():
     with pytest.raises(DataError, match="cannot tell the schema"):
         detect_schema(rows, {})
     assert detect_schema(rows, {"question": "q", "answer": "a"}) == "qa"
-    assert to_record(rows[0], "qa", {"question": "q", "answer": "a"}).values == {"question": "a?", "answer": "b"}
+    assert to_record(rows[0], "qa", {"question": "q", "answer": "a"}).values == {
+        "question": "a?",
+        "answer": "b",
+    }
     for keys, name in [
         ({"instruction", "output"}, "alpaca"),
         ({"prompt", "completion"}, "prompt_completion"),

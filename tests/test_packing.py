@@ -36,7 +36,9 @@ def test_packed_loss_equals_unpacked(tiny_models, kind, one_row):
         for e in exs:
             logits = model(torch.tensor([e.input_ids])).logits[0, :-1]
             labels = torch.tensor(e.labels[1:])
-            reference += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"))
+            reference += float(
+                torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+            )
     assert packed == pytest.approx(alone, rel=1e-5)
     assert packed == pytest.approx(reference, rel=1e-5)
 

@@ -9,12 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
 import tunelab.api
+from conftest import write_jsonl
 from tunelab import runner
 from tunelab.cli import main
 from tunelab.errors import ModelLoadError
 from tunelab.models import load_model
-
-from conftest import write_jsonl
 
 
 def metrics(run_dir):
@@ -23,7 +22,9 @@ def metrics(run_dir):
 
 def fit(model_dir, data, out, **settings):
     base = {"lr": 3e-3, "epochs": 4, "batch_size": 4, "log_every": 1, "seed": 0}
-    return tunelab.api.train(model=str(model_dir), data=str(data), out=str(out), quiet=True, **{**base, **settings})
+    return tunelab.api.train(
+        model=str(model_dir), data=str(data), out=str(out), quiet=True, **{**base, **settings}
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt_neox", "qwen2"])
@@ -38,10 +39,16 @@ def test_finetune_end_to_end(tiny_models, qa_file, tmp_path, kind):
         assert key in train_lines[-1]
     before = AutoModelForCausalLM.from_pretrained(tiny_models[kind])
     after = AutoModelForCausalLM.from_pretrained(run.path / "final")
-    changed = [n for n, p in after.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])]
+    changed = [
+        n for n, p in after.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])
+    ]
     assert len(changed) == len(list(after.parameters()))  # a full finetune moves every tensor
     tok = AutoTokenizer.from_pretrained(run.path / "final")
-    out = after.generate(**tok("### Question:\nWhat is the capital of Peru?\n\n### Answer:\n", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    out = after.generate(
+        **tok("### Question:\nWhat is the capital of Peru?\n\n### Answer:\n", return_tensors="pt"),
+        max_new_tokens=5,
+        do_sample=False,
+    )
     assert out.shape[1] > 0
     cfg = run.config
     assert cfg.data.template == "qa" and cfg.data.prompt_format.startswith("### Question:")
@@ -119,8 +126,24 @@ def test_generate_cli_single_and_batch(llama_dir, qa_file, tmp_path, capsys):
     run = fit(llama_dir, qa_file, tmp_path / "r", max_steps=2)
     assert main(["generate", str(run.path), "What is the capital of Peru?", "--max-new-tokens", "4"]) == 0
     single = capsys.readouterr().out.removesuffix("\n")
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "What is the capital of Peru?"}, {"question": "x"}])
-    assert main(["generate", str(run.path), "--file", str(prompts), "--max-new-tokens", "4", "--output", str(tmp_path / "o.jsonl")]) == 0
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl", [{"question": "What is the capital of Peru?"}, {"question": "x"}]
+    )
+    assert (
+        main(
+            [
+                "generate",
+                str(run.path),
+                "--file",
+                str(prompts),
+                "--max-new-tokens",
+                "4",
+                "--output",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["What is the capital of Peru?", "x"]
     assert rows[0]["completion"] == single  # batched (left-padded) equals single greedy

@@ -21,10 +21,7 @@ def _split_overrides(extra: list[str]) -> list[str]:
         raise TunelabError(
             f"unknown arguments: {' '.join(bad)}", "config keys are given as --section.key=value"
         )
-    out = []
-    for a in extra:  # "--train.lr 1e-4" is accepted too
-        out.append(a)
-    return out
+    return list(extra)
 
 
 def _train_config(args: argparse.Namespace, extra: list[str], task: str):
@@ -39,10 +36,18 @@ def _train_config(args: argparse.Namespace, extra: list[str], task: str):
         values["out"] = args.out
     if getattr(args, "report_to", None):
         values["train.report_to"] = args.report_to
+    path = args.config
     if getattr(args, "from_run", None):
+        # A new run that starts from RUN's final weights; unless told otherwise, with RUN's own recipe.
         values["model.name_or_path"] = args.from_run
         values["parent"] = str(args.from_run)
-    path = args.config
+        values["model.init"] = None
+        values["model.tokenizer"] = None
+        values.setdefault("out", "")
+        if path is None:
+            path = Path(args.from_run) / "config.yaml"
+            if not path.exists():
+                raise TunelabError(f"--from {args.from_run}: not a tunelab run directory (no config.yaml)")
     if path is None and task == "sft" and not args.data:
         path = packaged_config(DEFAULT_SFT_CONFIG)
     return load_config(path, _split_overrides(extra), values)

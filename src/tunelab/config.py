@@ -134,6 +134,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if type(value) in args:  # an exact type match wins over a conversion (str before list[str])
+            return value
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -143,6 +145,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         accepted = " or ".join(_type_name(a) for a in args)
         raise ConfigError(f"{key}: got {value!r}, expected {accepted}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"  # YAML reads a bare off/on as false/true
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)

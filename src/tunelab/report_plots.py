@@ -26,7 +26,9 @@ def loss_curves(runs: dict[str, Path], out: Path) -> Path:
         if train:
             ax.plot(*zip(*train), color=color, label=f"{label}: train")
         if evals:
-            ax.plot(*zip(*evals), color=color, linestyle="--", marker="o", markersize=3, label=f"{label}: eval")
+            ax.plot(
+                *zip(*evals), color=color, linestyle="--", marker="o", markersize=3, label=f"{label}: eval"
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per trained token)")
     ax.set_yscale("log")

@@ -45,3 +45,38 @@ def base_model_dir(check: bool = True) -> Path:
     if check:
         verify(folder)
     return folder
+
+
+def ship(run_dir: Path, note: dict[str, object] | None = None) -> Path:
+    """Copy a finished world-base run's model into the package, with checksums and its recipe."""
+    import shutil
+
+    import yaml
+
+    src = run_dir / "final"
+    dest = base_model_dir(check=False)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("tunelab_template.json"))
+    records = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    extra = {
+        "recipe": "tunelab pretrain configs/world-base.yaml",
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "steps": train[-1]["step"] if train else None,
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "pretraining_seconds": train[-1]["elapsed_s"] if train else None,
+        **(note or {}),
+    }
+    write_manifest(dest, extra)
+    return dest
+
+
+if __name__ == "__main__":  # python -m tunelab.world.base RUN_DIR
+    import sys
+
+    print(ship(Path(sys.argv[1])))
