@@ -128,7 +128,7 @@ def test_compare_metrics_and_deltas_by_hand(result):
 def test_compare_loss_is_the_training_loops_eval_loss(result, tiny_models):
     from tunelab.data.dataset import encode_records
     from tunelab.generate import Generator
-    from tunelab.train.loop import evaluate
+    from tunelab.training.loop import evaluate
 
     examples = examples_from_rows(ROWS)
     for label, kind in (("base", "llama"), ("tuned", "qwen2")):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from tunelab.data.packing import collate, plan_epoch
 from tunelab.data.tokenize import IGNORE, Encoded
-from tunelab.train.loss import loss_sum, per_example_loss
+from tunelab.training.loss import loss_sum, per_example_loss
 
 
 def examples(n: int, seed: int = 0, vocab: int = 300) -> list[Encoded]:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from tunelab import cli, runner
 from tunelab.errors import TunelabError
-from tunelab.train import checkpoint
+from tunelab.training import checkpoint
 
 STEPS, SAVE_EVERY = 30, 10  # 43 train rows in steps of 4: epochs turn over at steps 11 and 22
 LR = {"full": "1e-3", "lora": "1e-2"}  # LoRA keeps its default dropout 0.05, which draws from the RNG

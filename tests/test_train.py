@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
-import tunelab.api
 from conftest import write_jsonl
 from tunelab import runner
 from tunelab.cli import main
@@ -147,3 +146,10 @@ def test_generate_cli_single_and_batch(llama_dir, qa_file, tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["What is the capital of Peru?", "x"]
     assert rows[0]["completion"] == single  # batched (left-padded) equals single greedy
+
+
+def test_public_api_names():
+    import tunelab.training.loop  # noqa: F401  (a subpackage import must not shadow the function)
+
+    assert callable(tunelab.train) and callable(tunelab.pretrain) and callable(tunelab.load)
+    assert set(tunelab.__all__) >= {"train", "pretrain", "load", "Run", "TunelabError", "DataError"}

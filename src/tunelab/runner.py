@@ -23,8 +23,8 @@ from tunelab.models import (
     quantization_config,
     resolve_source,
 )
-from tunelab.train import checkpoint
-from tunelab.train.loop import TrainResult, seed_everything, train
+from tunelab.training import checkpoint
+from tunelab.training.loop import TrainResult, seed_everything, train
 
 
 def make_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:

@@ -225,7 +225,7 @@ def held_out_loss(
 ) -> float:
     """Mean loss per answer token with the training loop's own `evaluate`."""
     from tunelab.data.tokenize import encode
-    from tunelab.train.loop import evaluate
+    from tunelab.training.loop import evaluate
 
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     # Left truncation: a long (few-shot) prompt loses its head, never the answer being scored.

@@ -24,9 +24,9 @@ from tunelab.data.packing import collate, plan_epoch, plan_eval
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.models import count_parameters, save_model
-from tunelab.train import checkpoint
-from tunelab.train.logger import MetricsLogger
-from tunelab.train.loss import loss_sum
+from tunelab.training import checkpoint
+from tunelab.training.logger import MetricsLogger
+from tunelab.training.loss import loss_sum
 
 # Dense bf16 peak, for MFU. MFU is reported on GPUs we know; elsewhere it is left out, not guessed.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -101,7 +101,9 @@ def train(
     template: dict[str, Any] | None = None,
     resume_from: Path | None = None,
     quiet: bool = False,
+    save: bool = True,
 ) -> TrainResult:
+    """Train `model` in place; `save=False` writes only metrics.jsonl (benchmarks)."""
     # ---- setup
     device = next(model.parameters()).device
     lengths = [len(e.input_ids) for e in train_examples]
@@ -114,6 +116,9 @@ def train(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    # The compiled module shares its parameters with `model`: optimise and save `model`, run `forward`.
+    # dynamic=True because packed micro-batches change shape from step to step.
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -148,10 +153,12 @@ def train(
         nonlocal best_eval, best_step, last_eval
         if not eval_examples:
             return
-        last_eval = evaluate(model, eval_examples, cfg.micro_batch_tokens, device)
+        last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device)
         log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
+            if not save:
+                return
             with checkpoint.atomic_dir(run_dir / "best") as tmp:  # never half-written, even if killed
                 save_model(model, tokenizer, tmp, template)
 
@@ -174,7 +181,7 @@ def train(
         step_loss = 0.0
         for batch in micro_batches:
             batch = batch.to(device)
-            loss = loss_sum(model, batch) / max(n_targets, 1)
+            loss = loss_sum(forward, batch) / max(n_targets, 1)
             if loss.requires_grad:
                 loss.backward()
             step_loss += float(loss.detach())
@@ -239,8 +246,9 @@ def train(
 
     # ---- finish
     run_eval(total_steps)
-    with checkpoint.atomic_dir(run_dir / "final") as tmp:
-        save_model(model, tokenizer, tmp, template)
+    if save:
+        with checkpoint.atomic_dir(run_dir / "final") as tmp:
+            save_model(model, tokenizer, tmp, template)
     log.close()
     return TrainResult(
         run_dir=run_dir,

@@ -1,0 +1,161 @@
+"""SFT training speed on BENCH.md's workload: tunelab's loop, and the peers side by side.
+
+    python bench/sft_speed.py --model world --batch 16 --peers ../shared/bench   # CPU, 2 cores
+    python bench/sft_speed.py --model qwen0.5b --method lora                     # GPU
+
+Random-weight models with the shapes of real small LLMs (speed does not depend on the values) and
+synthetic SFT examples with the peers' length distribution (same generator, same seed), loss on the
+response only. The figure is real (non-pad) tokens per second over steps 9-40, as the peers measure.
+Each configuration runs in its own process so one cannot warm or fragment memory for another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    "qwen0.5b": dict(arch="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "llama1b": dict(arch="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "world": dict(arch="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, intermediate_size=640, vocab_size=4096, tie_word_embeddings=True),
+}  # fmt: skip
+WARM = 8
+
+
+def make_examples(n: int, vocab: int, short: bool, seed: int = 0, max_len: int = 2048):
+    """The peers' generator (log-normal prompt and response lengths), so both sides see the same data."""
+    import torch
+
+    from tunelab.data.tokenize import IGNORE, Encoded
+
+    g = torch.Generator().manual_seed(seed)
+    mp, mr, sp, sr = (2.6, 2.3, 0.2, 0.2) if short else (4.8, 4.9, 0.8, 0.9)
+    out = []
+    for _ in range(n):
+        p = int(min(max_len // 2, max(4, math.exp(torch.randn(1, generator=g).item() * sp + mp))))
+        r = int(min(max_len - p, max(2, math.exp(torch.randn(1, generator=g).item() * sr + mr))))
+        ids = torch.randint(100, vocab - 100, (p + r,), generator=g).tolist()
+        out.append(Encoded(ids, [IGNORE] * p + ids[p:]))
+    return out
+
+
+def run_tunelab(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.config import TrainConfig
+    from tunelab.models import apply_lora, count_parameters, pick_dtype
+    from tunelab.training.loop import train
+
+    spec = dict(MODELS[args.model])
+    arch = spec.pop("arch")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        cfg, dtype=pick_dtype("auto", device), attn_implementation=args.attn
+    )
+    model.to(device)
+    if args.method != "full":
+        model = apply_lora(model, args.method, 16, 32, 0.0, "all-linear", [])
+    examples = make_examples(4000, spec["vocab_size"], short=args.model == "world")
+    train_cfg = TrainConfig(
+        lr=1e-5, max_steps=args.steps, batch_size=args.batch, micro_batch_tokens=args.micro_batch_tokens,
+        log_every=1, eval_every=0, warmup_ratio=0.0, grad_clip=1.0, compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing, method=args.method,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and r["step"] > WARM]
+    tokens = sum(r["tokens"] for r in steps)
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
+    _, total = count_parameters(model)
+    tps = tokens / seconds
+    return {
+        "config": f"tunelab_{args.method}"
+        + ("_compile" if args.compile else "")
+        + ("_gc" if args.gradient_checkpointing else ""),
+        "model": args.model,
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()}",
+        "examples_per_step": args.batch,
+        "timed_steps": len(steps),
+        "real_tokens_per_step": round(tokens / len(steps)),
+        "real_tokens_per_s": round(tps),
+        "mfu_6N_vs_989T": round(6 * total * tps / 989e12, 3) if device.type == "cuda" else None,
+        "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if device.type == "cuda"
+        else None,
+        "mean_example_tokens": round(sum(len(e.input_ids) for e in examples) / len(examples), 1),
+    }
+
+
+def run_peer(peers: Path, conf: str, model: str, batch: int, gc: str | None) -> dict:
+    env = {**os.environ, "BATCH": str(batch), "STEPS": "40", "TOKENIZERS_PARALLELISM": "false"}
+    if gc is not None:
+        env["GC"] = gc
+    proc = subprocess.run([sys.executable, str(peers / "peers_gpu.py"), conf, model], env=env,
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"config": conf, "error": (proc.stderr or proc.stdout)[-800:]}
+    result = json.loads(line[len("RESULT ") :])
+    result["examples_per_step"] = batch
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="world")
+    p.add_argument("--batch", type=int, default=16, help="examples per optimizer step")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--peers", type=Path, help="folder with the peers' peers_gpu.py: run them too, same machine"
+    )
+    p.add_argument("--peer-configs", default="hf_pad,trl_nopack", help="comma-separated peer configurations")
+    p.add_argument("--only-tunelab", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--results", type=Path, help="append the JSON lines to this file")
+    args = p.parse_args()
+    if args.only_tunelab:
+        print("RESULT " + json.dumps(run_tunelab(args)), flush=True)
+        return
+    rows = []
+    cmd = [sys.executable, __file__, "--only-tunelab", "--model", args.model, "--batch", str(args.batch),
+           "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
+           "--method", args.method, "--attn", args.attn]  # fmt: skip
+    cmd += ["--compile"] * args.compile + ["--gradient-checkpointing"] * args.gradient_checkpointing
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    rows.append(json.loads(line[7:]) if line else {"config": "tunelab", "error": proc.stderr[-800:]})
+    if args.peers:
+        for conf in args.peer_configs.split(","):
+            conf, _, gc = conf.partition(":")  # e.g. trl_nopack:0 = activation checkpointing off
+            rows.append(run_peer(args.peers, conf, args.model, args.batch, gc or None))
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    for row in rows:
+        row["when"] = stamp
+        print(json.dumps(row), flush=True)
+        if args.results:
+            with args.results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
