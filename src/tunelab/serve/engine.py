@@ -86,22 +86,29 @@ class Row:
 class _WatchRows(StoppingCriteria):
     """Called by `generate` after every step with the grown ids; True marks a row finished."""
 
-    def __init__(self, rows: list[Row], stop_ids: set[int], tok: Any) -> None:
-        self.rows, self.stop_ids, self.tok = rows, stop_ids, tok
+    def __init__(self, rows: list[Row], stop_ids: set[int], tok: Any, after_step: Callable[[], None]) -> None:
+        self.rows, self.stop_ids, self.tok, self.after_step = rows, stop_ids, tok, after_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         for row, token in zip(self.rows, input_ids[:, -1].tolist()):
             if row.finish_reason is None:
                 row.step(token, self.stop_ids, self.tok)
+        self.after_step()
         return torch.tensor([r.finish_reason is not None for r in self.rows], device=input_ids.device)
 
 
 @torch.no_grad()
 def generate_rows(
-    served: Served, rows: list[Row], temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
+    served: Served,
+    rows: list[Row],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    after_step: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `rows` as one left-padded batch (the same padding, stop tokens and decoding as
-    `Generator.generate`); fills each row's text, finish_reason and token counts."""
+    `Generator.generate`); fills each row's text, finish_reason and token counts. `after_step` runs
+    after every step's rows have been updated (the engine sends their stream events then)."""
     gen, tok = served.generator, served.generator.tokenizer
     stops = gen.stop_ids()
     device = next(gen.model.parameters()).device
@@ -127,11 +134,12 @@ def generate_rows(
             top_k=None,
             eos_token_id=stops,
             pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([_WatchRows(rows, set(stops), tok)]),
+            stopping_criteria=StoppingCriteriaList([_WatchRows(rows, set(stops), tok, after_step)]),
         )
     for r in rows:  # generate can end without a last check (e.g. a model's own max_length)
         if r.finish_reason is None:
             r.finish("length", tok)
+    after_step()
 
 
 # ---------------------------------------------------------------- the queue
@@ -197,6 +205,8 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._last_rows = 0  # rows in the last batch: wait for company only after a shared batch
+        self._outbox: list[tuple[Job, tuple]] = []  # stream events of the current step (generation thread)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -240,16 +250,28 @@ class Engine:
 
     def _forward(self, job: Job, index: int) -> Callable[[str, str | None], None]:
         def on_event(text: str, reason: str | None) -> None:
-            event = ("text", index, text) if reason is None else ("finish", index, reason)
-            self._loop.call_soon_threadsafe(job.events.put_nowait, event)
+            self._outbox.append((job, ("text", index, text) if reason is None else ("finish", index, reason)))
 
         return on_event
 
+    def _flush(self) -> None:
+        """Hand one step's events to the event loop in one wake-up, not one per row."""
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(self._deliver, events)
+
+    @staticmethod
+    def _deliver(events: list[tuple[Job, tuple]]) -> None:
+        for job, event in events:
+            job.events.put_nowait(event)
+
     async def _next_batch(self, first: Job) -> tuple[list[Job], Job | None]:
         """`first` plus whatever arrives within max_wait, up to max_batch_size rows; returns the job
-        that did not fit (it starts the next batch)."""
+        that did not fit (it starts the next batch). The wait is only spent when the last batch had
+        company: a lone client would pay it on every request for nothing (on the busy 2-core box its
+        p50 was 56-101 ms with the wait, 47 ms without, the same as with batching off)."""
         batch, rows = [first], len(first.rows)
-        deadline = self._loop.time() + self.max_wait
+        deadline = self._loop.time() + (self.max_wait if self._last_rows > 1 else 0.0)
         while rows < self.max_batch_size:
             try:
                 job = self._queue.get_nowait()
@@ -265,9 +287,11 @@ class Engine:
                 self._closing = True
                 break
             if rows + len(job.rows) > self.max_batch_size:
+                self._last_rows = rows
                 return batch, job
             batch.append(job)
             rows += len(job.rows)
+        self._last_rows = rows
         return batch, None
 
     async def _run(self) -> None:
@@ -297,11 +321,11 @@ class Engine:
             try:
                 first = live[0]
                 rows = list(itertools.chain.from_iterable(j.rows for j in live))
-                generate_rows(first.served, rows, first.temperature, first.top_p, first.seed)
+                generate_rows(first.served, rows, first.temperature, first.top_p, first.seed, self._flush)
                 self.batches += 1
                 self.batched_rows += len(rows)
             except Exception as e:  # noqa: BLE001 - reported to each waiting client as a 500
                 error = f"generation failed: {type(e).__name__}: {e}"
-        for j in jobs:
-            event = ("error", -1, error) if error else ("done", -1, None)
-            self._loop.call_soon_threadsafe(j.events.put_nowait, event)
+        # After the rows' own events, in the same order; a failed batch's partial events still go first.
+        self._outbox += [(j, ("error", -1, error) if error else ("done", -1, None)) for j in jobs]
+        self._flush()

@@ -85,8 +85,8 @@ def load_served(
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict[str, Served]:
-    """Load each model once. `adapters` (LoRA runs) share the first model's weights when they were
-    trained on it. Names: `names[path]` when given, else the path's basename (a hub id stays whole)."""
+    """Load each model once. Each of `adapters` (LoRA runs) is put on the served model holding the
+    base it was trained on, sharing its weights. Names: `names[path]` when given, else the path's basename (a hub id stays whole)."""
     from peft import PeftModel
 
     from tunelab.models import load_template, load_tokenizer, resolve_source
@@ -111,18 +111,12 @@ def load_served(
             )
         served[s.name] = s
 
-    first: Served | None = None
+    hosts: list[tuple[str, Served]] = []  # (base weights path, the served model holding them)
     for path in models:
         gen = Generator.load(path, device=device, dtype=dtype)
-        is_peft = isinstance(gen.model, PeftModel)
-        s = Served(name_of(path), gen, "default" if is_peft else None)
+        s = Served(name_of(path), gen, "default" if isinstance(gen.model, PeftModel) else None)
         add(s)
-        first = first or s
-    if adapters and first is None:
-        raise ModelLoadError(
-            "--adapter needs a base model to put the adapters on", "tunelab serve BASE --adapter RUN"
-        )
-    base_src = resolve_source(models[0]).model if adapters else ""
+        hosts.append((resolve_source(path).model, s))
     for k, path in enumerate(adapters):
         src = resolve_source(path)
         if src.adapter is None:
@@ -130,22 +124,22 @@ def load_served(
                 f"--adapter {path} holds no LoRA adapter (a full model)",
                 f"serve it as a model: tunelab serve {path}",
             )
-        if not _same_model(src.model, base_src):
+        host = next((s for base, s in hosts if _same_model(src.model, base)), None)
+        if host is None:
             raise ModelLoadError(
-                f"adapter {path} was trained on {src.model}, but the first model is {base_src}",
-                f"serve the adapter's own base first: tunelab serve {src.model} --adapter {path}",
+                f"adapter {path} was trained on {src.model}, which is not among the served models",
+                f"serve its base too: tunelab serve {src.model} --adapter {path}",
             )
-        model = first.generator.model
+        model = host.generator.model
         adapter_name = f"adapter{k}"
         if isinstance(model, PeftModel):
             model.load_adapter(src.adapter, adapter_name=adapter_name)
         else:  # the base was loaded plain: wrap it once, and keep serving it with adapters off
             model = PeftModel.from_pretrained(model, src.adapter, adapter_name=adapter_name)
             model.eval()
-            first.generator.model = model
-            first.adapter = BASE
+            host.generator.model = model
+            host.adapter = BASE
         saved = load_template(src.adapter)
-        tok = load_tokenizer(src.adapter)
-        gen = Generator(model, tok, Template(**saved) if saved else None)
+        gen = Generator(model, load_tokenizer(src.adapter), Template(**saved) if saved else None)
         add(Served(name_of(path), gen, adapter_name))
     return served
