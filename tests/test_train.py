@@ -153,3 +153,39 @@ def test_public_api_names():
 
     assert callable(tunelab.train) and callable(tunelab.pretrain) and callable(tunelab.load)
     assert set(tunelab.__all__) >= {"train", "pretrain", "load", "Run", "TunelabError", "DataError"}
+
+
+def test_report_to_trackers(monkeypatch, llama_dir, qa_file, tmp_path):
+    """Trackers are opt-in; a missing package stops before the model loads; a present one gets every
+    logged number by step."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(tunelab.ConfigError, match=r"pip install 'tunelab\[tensorboard\]'"):
+            fit(llama_dir, qa_file, tmp_path / "none", max_steps=1, report_to=["tensorboard"])
+        assert not (tmp_path / "none").exists()
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step, value))
+
+        def close(self):
+            written.append(("closed", None, None))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    monkeypatch.setattr("tunelab.training.logger.check_trackers", lambda names: None)
+    monkeypatch.setattr("tunelab.runner.check_trackers", lambda names: None)
+    run = fit(llama_dir, qa_file, tmp_path / "tb", max_steps=2, report_to=["tensorboard"])
+    losses = {step: v for k, step, v in written if k == "loss"}
+    logged = {r["step"]: r["loss"] for r in metrics(run.path) if "loss" in r}
+    assert losses == logged and written[-1][0] == "closed"
+    assert {k for k, _, _ in written} >= {"eval_loss", "lr", "tokens_per_s"}

@@ -24,6 +24,7 @@ from tunelab.models import (
     resolve_source,
 )
 from tunelab.training import checkpoint
+from tunelab.training.logger import check_trackers
 from tunelab.training.loop import TrainResult, seed_everything, train
 
 
@@ -127,6 +128,7 @@ def run(
             _trim_metrics(run_dir / "metrics.jsonl", checkpoint.step_of(resume_from))
     # Data first: every bad row or setting stops here, before weights are read.
     cfg = resolve_max_length(cfg)
+    check_trackers(cfg.train.report_to)
     tok_src = resolve_source(cfg.model.tokenizer or cfg.model.name_or_path)
     tok_source = tok_src.adapter or tok_src.model
     tokenizer = load_tokenizer(tok_source, cfg.model.trust_remote_code)

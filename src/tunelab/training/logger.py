@@ -127,6 +127,23 @@ class _Wandb:
         self.run.finish()
 
 
+_MODULES = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Fail before any model is loaded when a requested tracker is not installed."""
+    import importlib.util
+
+    from tunelab.errors import ConfigError
+
+    for name in names:
+        top = "tensorboard" if name == "tensorboard" else _MODULES[name]
+        if importlib.util.find_spec(top) is None:
+            raise ConfigError(
+                f"--report-to {name}: the package is not installed", f"pip install 'tunelab[{name}]'"
+            )
+
+
 def _make_sink(name: str, run_dir: Path) -> Any:
     makers = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _Wandb}
     try:
