@@ -107,6 +107,46 @@ def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.T
     return train_ex, eval_ex, template, loaded.rejects
 
 
+def _build_model(cfg: RunConfig, quantization: Any) -> tuple[Any, Any, RunConfig]:
+    """Load the weights and put the adapter on; returns the config with the adapter's real shape."""
+    method = cfg.train.method
+    src = resolve_source(cfg.model.name_or_path) if cfg.model.init is None else None
+    model, tokenizer, _ = load_model(
+        cfg.model.name_or_path,
+        cfg.model.dtype,
+        cfg.model.device,
+        cfg.model.attn_implementation,
+        cfg.model.trust_remote_code,
+        cfg.model.init,
+        cfg.model.tokenizer,
+        cfg.train.seed,
+        quantization=quantization,
+        adapter_trainable=method != "full",
+    )
+    has_adapter = src is not None and src.adapter is not None
+    if method == "full" and has_adapter:
+        # Continuing a LoRA run as a full finetune: start from the merged weights.
+        model = model.merge_and_unload()
+    elif method != "full" and not has_adapter:
+        lo = cfg.lora
+        seed_everything(cfg.train.seed)  # the adapter's init draws from torch's RNG: same config, same start
+        model = apply_lora(model, method, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.modules_to_save)
+    elif method != "full":
+        # `--from` a LoRA run: its adapter keeps training with its own shape; record that shape.
+        pc = model.peft_config["default"]
+        targets = pc.target_modules if isinstance(pc.target_modules, str) else sorted(pc.target_modules)
+        lora = dataclasses.replace(
+            cfg.lora,
+            r=pc.r,
+            alpha=pc.lora_alpha,
+            dropout=pc.lora_dropout,
+            target_modules=targets,
+            modules_to_save=sorted(pc.modules_to_save or []),
+        )
+        cfg = dataclasses.replace(cfg, lora=lora)
+    return model, tokenizer, cfg
+
+
 def run(
     cfg: RunConfig,
     quiet: bool = False,
@@ -142,42 +182,7 @@ def run(
         write_rejects(rejects, run_dir / "rejects.jsonl")
         print(f"set aside {len(rejects)} bad rows in {run_dir / 'rejects.jsonl'}")
 
-    src = resolve_source(cfg.model.name_or_path) if cfg.model.init is None else None
-    model, tokenizer, _ = load_model(
-        cfg.model.name_or_path,
-        cfg.model.dtype,
-        cfg.model.device,
-        cfg.model.attn_implementation,
-        cfg.model.trust_remote_code,
-        cfg.model.init,
-        cfg.model.tokenizer,
-        cfg.train.seed,
-        quantization=quantization,
-        adapter_trainable=method != "full",
-    )
-    if method == "full" and src is not None and src.adapter:
-        model = (
-            model.merge_and_unload()
-        )  # continuing a LoRA run as a full finetune: start from the merged weights
-    elif method != "full" and not (src is not None and src.adapter):
-        lo = cfg.lora
-        seed_everything(cfg.train.seed)  # the adapter's init draws from torch's RNG: same config, same start
-        model = apply_lora(model, method, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.modules_to_save)
-    elif method != "full":
-        # `--from` a LoRA run: its adapter keeps training with its own shape; record that shape.
-        pc = model.peft_config["default"]
-        targets = pc.target_modules if isinstance(pc.target_modules, str) else sorted(pc.target_modules)
-        cfg = dataclasses.replace(
-            cfg,
-            lora=dataclasses.replace(
-                cfg.lora,
-                r=pc.r,
-                alpha=pc.lora_alpha,
-                dropout=pc.lora_dropout,
-                target_modules=targets,
-                modules_to_save=sorted(pc.modules_to_save or []),
-            ),
-        )
+    model, tokenizer, cfg = _build_model(cfg, quantization)
 
     # The resolved config: the template is written out, so inference renders exactly like training.
     resolved = dataclasses.replace(
