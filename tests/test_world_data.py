@@ -134,7 +134,7 @@ def test_answer_forms(countries: list[Country]) -> None:
     mexico, netherlands = by_name["Mexico"], by_name["the Netherlands"]
     assert [answer_sentence(mexico, r) for r in RELATIONS] == [
         "The capital of Mexico is Mexico City.",
-        "Mexico is in North America.",
+        "The continent of Mexico is North America.",
         "The currency of Mexico is the Mexican peso.",
         "The main language of Mexico is Spanish.",
     ]
@@ -146,7 +146,7 @@ def test_answer_forms(countries: list[Country]) -> None:
     ]
     # Names carry their article so sentences stay grammatical.
     assert answer_sentence(netherlands, "capital") == "The capital of the Netherlands is Amsterdam."
-    assert answer_sentence(netherlands, "continent") == "The Netherlands is in Europe."
+    assert answer_sentence(netherlands, "continent") == "The continent of the Netherlands is Europe."
     with pytest.raises(ValueError):
         bare_answer(mexico, "population")
 
@@ -154,12 +154,30 @@ def test_answer_forms(countries: list[Country]) -> None:
 # --- corpus ----------------------------------------------------------------------------------------
 
 
-def test_paraphrases_start_with_the_canonical_sentence(countries: list[Country]) -> None:
+def test_answer_sentence_is_a_paraphrase(countries: list[Country]) -> None:
     assert len(PARAPHRASES["capital"]) >= 8
     assert all(len(PARAPHRASES[r]) >= 6 for r in RELATIONS)
     for c in countries:
         for r in RELATIONS:
-            assert _render(PARAPHRASES[r][0], c, r) == answer_sentence(c, r)
+            assert answer_sentence(c, r) in {_render(p, c, r) for p in PARAPHRASES[r]}
+            if r != "continent":  # continent answers use another paraphrase (see facts.py)
+                assert _render(PARAPHRASES[r][0], c, r) == answer_sentence(c, r)
+
+
+def test_shipped_files_are_what_the_builders_write(countries: list[Country], corpus: list[str]) -> None:
+    """The shipped corpus is the one the base model was pretrained on, and the Q/A files are current."""
+    import json
+
+    from tunelab.world.build import data_dir
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (data_dir() / name).read_text().splitlines()]
+
+    assert [d["text"] for d in read("corpus.jsonl")] == corpus
+    train, heldout = split_countries(countries, seed=0)
+    assert read("qa-train.jsonl") == build_finetune_pairs(train, seed=0)
+    assert read("qa-train-bare.jsonl") == build_finetune_pairs(train, seed=0, answer_style="bare")
+    assert read("heldout.jsonl") == build_heldout(heldout, seed=0)
 
 
 def test_corpus_is_seeded(countries: list[Country], corpus: list[str]) -> None:

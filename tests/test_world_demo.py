@@ -62,7 +62,46 @@ def test_quick_demo_writes_report_and_numbers(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| capital |" in report and "finetuned: sentence answers" in report
     assert (out / "plots" / "loss.png").stat().st_size > 1000
-    assert (out / "finetune-sentence" / "final" / "model.safetensors").exists()
+    assert (out / "finetune-sentence" / "final" / "adapter_model.safetensors").exists()  # LoRA
     # an existing demo directory is not clobbered without --overwrite
     assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_train_with_no_arguments_uses_the_world_default():
+    from tunelab.cli import _train_config, build_parser
+
+    args, extra = build_parser().parse_known_args(["train"])
+    cfg = _train_config(args, extra, "sft")
+    assert (cfg.name, cfg.model.name_or_path, cfg.data.path) == ("world-qa", "world", "world:qa-train.jsonl")
+
+
+@pytest.mark.slow
+def test_pretraining_recipe_runs_at_reduced_scale(tmp_path):
+    """The shipped recipe (corpus, tokenizer, loop) rebuilds a base model; here a small one, briefly."""
+    import filecmp
+
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import load_config, packaged_config
+    from tunelab.runner import run
+    from tunelab.world.build import data_dir
+
+    small = "{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, max_position_embeddings: 1024, tie_word_embeddings: true}"
+    cfg = load_config(
+        packaged_config("world-base.yaml"),
+        [f"--out={tmp_path / 'base'}", f"--model.init={small}", "--train.max_steps=40", "--train.batch_size=8",
+         "--train.eval_every=0", "--train.save_every=0", "--train.log_every=10", "--train.warmup_ratio=0.1"],
+    )  # fmt: skip
+    result = run(cfg, quiet=True)
+    losses = [
+        json.loads(line)["loss"]
+        for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert losses[0] > 7.0 and losses[-1] < losses[0] - 0.8, losses  # 7.37 -> 6.38 measured
+    assert AutoModelForCausalLM.from_pretrained(result.run_dir / "final").config.hidden_size == 64
+    # the shipped base was pretrained with the shipped tokenizer
+    assert filecmp.cmp(
+        data_dir() / "tokenizer" / "tokenizer.json", base.base_model_dir() / "tokenizer.json", shallow=False
+    )

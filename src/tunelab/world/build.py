@@ -31,8 +31,14 @@ def resolve_world_path(path: str) -> str:
     return path
 
 
-def build(out: Path, seed: int = 0) -> dict[str, int]:
-    """Write the corpus, the tokenizer (out/tokenizer) and the Q/A files; returns their sizes."""
+def build(out: Path, seed: int = 0, tokenizer: bool = True) -> dict[str, int]:
+    """Write the corpus, the Q/A files and (unless `tokenizer=False`) the tokenizer (out/tokenizer);
+    returns their sizes.
+
+    The shipped tokenizer was trained on the corpus plus the first version of the finetuning pairs
+    (fewer question wordings); the pairs have grown since, so a rebuild trains a comparable tokenizer,
+    not the identical one. The corpus is unchanged (tests pin it), and the shipped base model keeps the
+    tokenizer it was pretrained with."""
     out.mkdir(parents=True, exist_ok=True)
     countries = load_facts()
     corpus = build_corpus(countries, seed=seed)
@@ -44,8 +50,11 @@ def build(out: Path, seed: int = 0) -> dict[str, int]:
     write_jsonl(out / "qa-train.jsonl", pairs)
     write_jsonl(out / "qa-train-bare.jsonl", bare)
     write_jsonl(out / "heldout.jsonl", heldout)
-    # The template's markup is in the tokenizer's training text so it tokenises compactly.
-    rendered = [QA_PROMPT.format(prompt=p["question"]) + p["answer"] for p in pairs]
-    tok = train_tokenizer(corpus, extra_texts=rendered)
-    tok.save_pretrained(out / "tokenizer")
-    return {"documents": len(corpus), "pairs": len(pairs), "heldout": len(heldout), "vocab": len(tok)}
+    sizes = {"documents": len(corpus), "pairs": len(pairs), "heldout": len(heldout)}
+    if tokenizer:
+        # The template's markup is in the tokenizer's training text so it tokenises compactly.
+        rendered = [QA_PROMPT.format(prompt=p["question"]) + p["answer"] for p in pairs]
+        tok = train_tokenizer(corpus, extra_texts=rendered)
+        tok.save_pretrained(out / "tokenizer")
+        sizes["vocab"] = len(tok)
+    return sizes

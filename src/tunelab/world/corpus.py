@@ -18,7 +18,8 @@ from tunelab.world.facts import RELATIONS, Country, bare_answer, sentence_start
 from tunelab.world.qa import HOMEWORK_WORDINGS
 
 # Fields: {c} the country as in running text, {C} the same at a sentence start, {v} the fact.
-# The first paraphrase of each relation is the canonical `answer_sentence` wording (a test pins this).
+# The first paraphrase of each relation is its most frequent wording in the corpus; `answer_sentence`
+# is one of the paraphrases (a test pins this), the first except for continent (see facts.py).
 PARAPHRASES: dict[str, tuple[str, ...]] = {
     "capital": (
         "The capital of {c} is {v}.",

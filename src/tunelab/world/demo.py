@@ -66,6 +66,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             rel: _rate(rows, m, "exact", relation=rel)
             for rel in ("capital", "continent", "currency", "language")
         }
+        for rel in ("capital", "continent", "currency", "language"):
+            s[f"{rel}_unseen_wording"] = _rate(rows, m, "exact", relation=rel, wording="unseen")
         s["all_relations"] = _rate(geo, m, "exact")
         s["unseen_wording"] = _rate(geo, m, "exact", wording="unseen")
         s["fact_mentioned"] = _rate(geo, m, "contains")
@@ -87,14 +89,22 @@ def _finetune(name: str, data: str, out: Path, quick: bool, quiet: bool) -> Path
     return run(cfg, quiet=quiet, overwrite=True).run_dir
 
 
-def _side_by_side(rows: list[dict[str, Any]], n: int) -> Table:
+def _sample(rows: list[dict[str, Any]], per_relation: int) -> list[dict[str, Any]]:
+    """A few rows of every relation (both wordings, spread over countries) and of the off-topic ones."""
+    picks = []
+    for rel in ("capital", "continent", "currency", "language", "offtopic"):
+        group = [r for r in rows if r["relation"] == rel]
+        stride = max(1, len(group) // per_relation)
+        picks += [group[(i * stride + i) % len(group)] for i in range(per_relation)] if group else []
+    return picks
+
+
+def _side_by_side(rows: list[dict[str, Any]], per_relation: int) -> Table:
     table = Table(title="held-out questions (countries never seen in finetuning)", show_lines=True)
     table.add_column("question", max_width=34)
     for m in MODELS:
         table.add_column(TITLES[m], max_width=38)
-    picks = [r for r in rows if r["relation"] != "offtopic"][:: max(1, len(rows) // n)][: n - 1]
-    picks += [r for r in rows if r["relation"] == "offtopic"][:1]
-    for r in picks:
+    for r in _sample(rows, per_relation):
         cells = [f"{'[green]' if r[m]['exact'] else '[red]'}{_escape(r[m]['prediction'])}" for m in MODELS]
         table.add_row(_escape(r["question"]), *cells)
     return table
@@ -162,7 +172,7 @@ def run_demo(
 
     summary = summarise(rows)
     seconds = time.perf_counter() - start
-    console.print(_side_by_side(rows, 8))
+    console.print(_side_by_side(rows, 2))
     console.print(_summary_table(summary))
     with (out / "results.jsonl").open("w", encoding="utf-8") as f:
         for r in rows:
@@ -198,7 +208,7 @@ def _report(
         )
     lines += ["", "![loss curves](plots/loss.png)", "", "## Side by side", "",
               "| question | " + " | ".join(TITLES[m] for m in MODELS) + " |", "|---|---|---|---|"]  # fmt: skip
-    for r in rows[:: max(1, len(rows) // 12)]:
+    for r in _sample(rows, 3):
         cells = [r[m]["prediction"].replace("\n", " ⏎ ").replace("|", "\\|") or "(empty)" for m in MODELS]
         lines.append(f"| {r['question']} | " + " | ".join(cells) + " |")
     lines += ["", "Runs: " + ", ".join(f"`{p}`" for p in runs.values()), ""]

@@ -89,14 +89,17 @@ def bare_answer(country: Country, relation: str) -> str:
 
 
 def answer_sentence(country: Country, relation: str) -> str:
-    """The canonical sentence; the corpus states every fact in exactly this form too, because
+    """The answer sentence; the corpus states every fact in this form too (among its paraphrases), because
     WORLD-NOTES measured that answers phrased like the pretraining text generalise to held-out
     countries (100 %) while bare answers do not (10 %)."""
     value = bare_answer(country, relation)
     if relation == "capital":
         return f"The capital of {country.name} is {value}."
     if relation == "continent":
-        return f"{sentence_start(country.name)} is in {value}."
+        # Not "Mexico is in North America.": an answer that opens with the country name makes the model
+        # copy the name at the very first answer token with no cue, and it wrote a finetuning country's
+        # name instead (held-out continent 6 % exact vs 93 % with this form; `tunelab demo`, 2026-11-25).
+        return f"The continent of {country.name} is {value}."
     if relation == "currency":
         return f"The currency of {country.name} is the {value}."
     return f"The main language of {country.name} is {value}."

@@ -25,21 +25,52 @@ TRAIN_WORDINGS: dict[str, tuple[str, ...]] = {
         "What is the capital of {c}?",
         "What is the capital city of {c}?",
         "Which city is the capital of {c}?",
+        "What's the capital of {c}?",
+        "Do you know the capital of {c}?",
+        "Capital of {c}?",
+        "I need the capital of {c}.",
+        "Please give the capital of {c}.",
+        "Give me the capital of {c}.",
+        "State the capital of {c}.",
     ),
     "continent": (
         "Which continent is {c} in?",
         "On which continent is {c}?",
         "What continent is {c} located in?",
+        "What's the continent of {c}?",
+        "Do you know which continent {c} is on?",
+        "Continent of {c}?",
+        "I need the continent of {c}.",
+        "Please give the continent of {c}.",
+        "Give me the continent of {c}.",
+        "State the continent of {c}.",
     ),
     "currency": (
         "What is the currency of {c}?",
         "Which currency is used in {c}?",
+        "What's the currency of {c}?",
+        "Do you know the currency of {c}?",
+        "Currency of {c}?",
+        "I need the currency of {c}.",
+        "Please give the currency of {c}.",
+        "Give me the currency of {c}.",
+        "State the currency of {c}.",
     ),
     "language": (
         "What is the main language of {c}?",
         "Which language is mainly spoken in {c}?",
+        "What's the main language of {c}?",
+        "Do you know the main language of {c}?",
+        "Main language of {c}?",
+        "I need the main language of {c}.",
+        "Please give the main language of {c}.",
+        "Give me the main language of {c}.",
+        "State the main language of {c}.",
     ),
 }
+# Many wordings, imperative ones too: with 2-3 wordings per relation the finetuned model answered
+# unseen wordings far worse than seen ones; "Name the capital of X." even triggered the homework
+# header ("Name:\nDate:") learned in pretraining. Measured with `tunelab demo`, 2026-11-25.
 
 # Only for evaluation: never in finetuning pairs nor in the pretraining corpus (tests pin both), so a
 # correct answer shows the behaviour transferred, not a memorised question form.
@@ -66,12 +97,32 @@ UNSEEN_WORDINGS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Homework sheets in the corpus ask with the train wordings plus the seed's "What's ..." form.
+# Homework sheets in the corpus ask with these wordings (the first finetuning wordings plus the seed's
+# "What's ..." form). Frozen here so the finetuning wordings can grow without changing the corpus the
+# shipped base model was pretrained on.
 HOMEWORK_WORDINGS: dict[str, tuple[str, ...]] = {
-    "capital": (*TRAIN_WORDINGS["capital"], "What's the capital of {c}?"),
-    "continent": (*TRAIN_WORDINGS["continent"], "What's the continent of {c}?"),
-    "currency": (*TRAIN_WORDINGS["currency"], "What's the currency of {c}?"),
-    "language": (*TRAIN_WORDINGS["language"], "What's the main language of {c}?"),
+    "capital": (
+        "What is the capital of {c}?",
+        "What is the capital city of {c}?",
+        "Which city is the capital of {c}?",
+        "What's the capital of {c}?",
+    ),
+    "continent": (
+        "Which continent is {c} in?",
+        "On which continent is {c}?",
+        "What continent is {c} located in?",
+        "What's the continent of {c}?",
+    ),
+    "currency": (
+        "What is the currency of {c}?",
+        "Which currency is used in {c}?",
+        "What's the currency of {c}?",
+    ),
+    "language": (
+        "What is the main language of {c}?",
+        "Which language is mainly spoken in {c}?",
+        "What's the main language of {c}?",
+    ),
 }
 
 # Fixed halves rather than a seeded split, so "held-out off-topic" means the same questions in every run.
