@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
     else:
         cfg = _train_config(args, extra, task)
         result = run(cfg, quiet=args.quiet, overwrite=args.overwrite)
+    if _rank() not in (None, 0):
+        return 0  # rank 0 reports for the run
     print(
         f"done: {result.steps} steps, final train loss {result.final_loss:.4f}"
         + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
@@ -154,8 +157,15 @@ EXTRA_COMMANDS: list[str] = [
 ]
 
 
+def _rank() -> int | None:
+    """This process's rank when a launcher (torchrun, accelerate launch) started several, else None."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    rank = _rank()
+    where = "" if rank is None else f" (rank {rank})"
     args, extra = parser.parse_known_args(argv)
     try:
         if args.command in ("train", "pretrain"):
@@ -166,13 +176,25 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         return int(args.func(args) or 0)
     except TunelabError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        print(f"error{where}: {e.message}", file=sys.stderr)
         if e.hint:
             print(f"  hint: {e.hint}", file=sys.stderr)
+        if rank is not None:
+            from tunelab.training.distributed import exit_failed
+
+            exit_failed(e, 2)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{where}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if rank is None:
+            raise
+        # Several processes: name the rank and exit now, so the launcher stops the others at once
+        # (they would otherwise wait for this rank in their next collective).
+        from tunelab.training.distributed import report_failure
+
+        report_failure(e, rank)
     return 0
 
 

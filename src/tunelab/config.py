@@ -99,6 +99,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    # Under torchrun / accelerate launch (WORLD_SIZE > 1): "auto" = ddp; "fsdp" shards weights,
+    # gradients and optimizer state per decoder layer. One process ignores it (docs/distributed.md).
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 @dataclass

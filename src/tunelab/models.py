@@ -181,11 +181,18 @@ def load_template(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def save_model(model: Any, tokenizer: Any, out: Path, template: dict[str, Any] | None) -> None:
-    """HF `save_pretrained` folder (or PEFT adapter) + tokenizer + generation config + the template."""
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    template: dict[str, Any] | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """HF `save_pretrained` folder (or PEFT adapter) + tokenizer + generation config + the template.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
     _quiet_hf()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     gen = getattr(model, "generation_config", None)
     if gen is not None and not (out / "generation_config.json").exists():

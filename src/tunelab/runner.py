@@ -23,7 +23,7 @@ from tunelab.models import (
     quantization_config,
     resolve_source,
 )
-from tunelab.training import checkpoint
+from tunelab.training import checkpoint, distributed
 from tunelab.training.logger import check_trackers
 from tunelab.training.loop import TrainResult, seed_everything, train
 
@@ -153,7 +153,9 @@ def run(
     overwrite: bool = False,
     resume: str | Path | None = None,
 ) -> TrainResult:
-    """Train (sft or pretrain) as `cfg` says and return the result; the run directory holds the rest."""
+    """Train (sft or pretrain) as `cfg` says and return the result; the run directory holds the rest.
+    Under torchrun every rank runs this; rank 0 alone writes the run directory."""
+    dist = distributed.setup(cfg.train.distributed, pick_device(cfg.model.device), cfg.train.method)
     resume_from = None
     if resume is not None:
         run_dir = Path(resume)
@@ -164,7 +166,7 @@ def run(
             )
         resume_from = found[-1]
         # metrics.jsonl as it was at the checkpoint: what came after is about to be redone.
-        if not checkpoint.restore_metrics(resume_from, run_dir / "metrics.jsonl"):
+        if dist.is_main and not checkpoint.restore_metrics(resume_from, run_dir / "metrics.jsonl"):
             _trim_metrics(run_dir / "metrics.jsonl", checkpoint.step_of(resume_from))
     # Data first: every bad row or setting stops here, before weights are read.
     cfg = resolve_max_length(cfg)
@@ -176,9 +178,9 @@ def run(
     method = cfg.train.method
     device = pick_device(cfg.model.device)
     quantization = quantization_config(method, device)  # QLoRA without a GPU stops before a run dir exists
-    if resume is None:
-        run_dir = make_run_dir(cfg, overwrite)
-    if rejects:
+    if resume is None:  # rank 0 names it (the default name has a timestamp) and creates it
+        run_dir = distributed.broadcast_path(make_run_dir(cfg, overwrite) if dist.is_main else None, dist)
+    if rejects and dist.is_main:
         write_rejects(rejects, run_dir / "rejects.jsonl")
         print(f"set aside {len(rejects)} bad rows in {run_dir / 'rejects.jsonl'}")
 
@@ -195,7 +197,7 @@ def run(
         ),
         out=str(run_dir),
     )
-    if resume is None:
+    if resume is None and dist.is_main:
         save_config(resolved, run_dir / "config.yaml")
     return train(
         model,

@@ -5,6 +5,9 @@ the optimizer and scheduler states, every RNG state (LoRA dropout draws from tor
 logged so far, and meta.json (step, epoch, best eval so far, a fingerprint of the training data). The
 data position needs no more than the step: each epoch's order is a pure function of (seed, epoch).
 
+Under several processes rank 0 writes the same whole checkpoint (plus every rank's RNG state), so a
+run resumes under any world size (training/distributed.py).
+
 It is written to `step-NNNNNN.tmp/`, every file fsynced, then renamed: a kill at any moment leaves
 either a whole checkpoint or a `.tmp` folder that resume ignores and the next save removes.
 """
@@ -97,32 +100,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     _fsync(final.parent)
 
 
+def training_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a checkpoint holds besides the scheduler (one process; see distributed.training_state)."""
+    return {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_state()}
+
+
 def save(
     folder: Path,
     step: int,
-    model: Any,
-    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
     scheduler: Any,
     meta: dict[str, Any],
     keep_last: int,
     metrics: Path | None = None,
 ) -> Path:
-    """Write checkpoint `step` and keep only the newest `keep_last` (all of them when < 1)."""
+    """Write checkpoint `step` (`state` from `training_state`) and keep only the newest `keep_last`
+    (all of them when < 1)."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("step-*.tmp"):
         shutil.rmtree(stale)  # a write a kill interrupted; one run has one writer
     # The newest complete checkpoint is older than `step` (resume starts from it), so a folder already
     # named like this one was never completed and atomic_dir may replace it.
     with atomic_dir(folder / f"step-{step:06d}") as tmp:
-        torch.save(
-            {
-                "model": _trainable_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-            },
-            tmp / STATE_FILE,
-        )
+        torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
         if metrics is not None and metrics.exists():
             shutil.copyfile(metrics, tmp / METRICS_FILE)
         (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -158,21 +158,32 @@ def restore_metrics(path: Path, metrics: Path) -> bool:
     return True
 
 
-def load(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states; returns meta.json."""
+def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The saved state and meta.json of checkpoint `path`."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(state["model"]) != set(params):
-        missing, unexpected = set(params) - set(state["model"]), set(state["model"]) - set(params)
+    return state, json.loads((path / META_FILE).read_text())
+
+
+def check_fits(path: Path, saved: dict[str, Any], params: dict[str, Any]) -> None:
+    """The checkpoint holds exactly this model's trainable tensors, by name."""
+    if set(saved) != set(params):
+        missing, unexpected = set(params) - set(saved), set(saved) - set(params)
         raise TunelabError(
             f"checkpoint {path} does not fit this model: {len(missing)} trainable tensors missing "
             f"(e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})",
             "resume with the run's own config.yaml (same model, train.method and lora settings)",
         )
+
+
+def load(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG states; returns meta.json."""
+    state, meta = read(path)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_fits(path, state["model"], params)
     with torch.no_grad():
         for name, value in state["model"].items():
             params[name].copy_(value.to(params[name].device))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return json.loads((path / META_FILE).read_text())
+    return meta

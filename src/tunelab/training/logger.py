@@ -84,6 +84,24 @@ class MetricsLogger:
             sink.close()
 
 
+class SilentLogger:
+    """What ranks other than 0 log to under several processes: nothing (rank 0 logs for the run)."""
+
+    path = None
+
+    def print(self, message: str) -> None:
+        pass
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def advance(self, step: int, info: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _TensorBoard:
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter

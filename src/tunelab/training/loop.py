@@ -4,6 +4,10 @@ Pretraining and finetuning both come here; they differ only in how examples beca
 Every optimizer step takes `batch_size` examples, packed padding-free into micro-batches; the loss is
 the mean over the step's trained tokens (summed per micro-batch, divided once), so accumulation gives
 exactly the loss of one big batch.
+
+Under `torchrun` the same loop runs on every rank; the few lines that differ are marked "several
+processes" and the machinery is in training/distributed.py: the step's micro-batches are dealt to
+the ranks, gradients are averaged by DDP or FSDP, and rank 0 alone logs and writes the run directory.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from tunelab.data.packing import collate, plan_epoch, plan_eval
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.models import count_parameters, save_model
-from tunelab.training import checkpoint
-from tunelab.training.logger import MetricsLogger
+from tunelab.training import checkpoint, distributed
+from tunelab.training.distributed import Dist
+from tunelab.training.logger import MetricsLogger, SilentLogger
 from tunelab.training.loss import loss_sum
 
 # Dense bf16 peak, for MFU. MFU is reported on GPUs we know; elsewhere it is left out, not guessed.
@@ -77,16 +82,28 @@ def varlen_attention(model: Any) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: Any, examples: list[Encoded], micro_batch_tokens: int, device: torch.device) -> float:
-    """Mean loss per trained token over `examples`."""
+def evaluate(
+    model: Any,
+    examples: list[Encoded],
+    micro_batch_tokens: int,
+    device: torch.device,
+    one_row: bool | None = None,
+    dist: Dist = distributed.SINGLE,
+) -> float:
+    """Mean loss per trained token over `examples` (`one_row`: see varlen_attention; None = ask `model`).
+    Several processes: each rank evaluates its share and every rank returns the same mean."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    one_row = varlen_attention(model)
-    for mb in plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens):
-        batch = collate([examples[i] for i in mb], one_row).to(device)
-        total += float(loss_sum(model, batch))
-        count += batch.n_targets
+    one_row = varlen_attention(model) if one_row is None else one_row
+    plan = plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens)
+    batches = [collate([examples[i] for i in mb], one_row) for mb in plan]
+    for batch, counts in distributed.deal(batches, dist):
+        loss = float(loss_sum(model, batch.to(device)))
+        if counts:
+            total += loss
+            count += batch.n_targets
+    total, count = distributed.all_sum([total, count], dist)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -106,6 +123,7 @@ def train(
     """Train `model` in place; `save=False` writes only metrics.jsonl (benchmarks)."""
     # ---- setup
     device = next(model.parameters()).device
+    dist = distributed.setup(cfg.distributed, device, cfg.method)  # one process: distributed.SINGLE
     lengths = [len(e.input_ids) for e in train_examples]
     steps_per_epoch = len(
         plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, 0, shuffle=False)
@@ -116,27 +134,33 @@ def train(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    # Several processes: `wrapped` is DDP around `model`, or `model` sharded in place by FSDP.
+    wrapped = distributed.wrap(model, dist)
     # The compiled module shares its parameters with `model`: optimise and save `model`, run `forward`.
     # dynamic=True because packed micro-batches change shape from step to step.
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    forward = torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     trainable, total_params = count_parameters(model)
     flops_per_token = 6 * total_params  # forward + backward, as in BENCH.md's MFU
     peak = peak_flops(device)
+    if peak:
+        peak *= dist.world_size  # tokens/s counts every rank's tokens
     one_row = varlen_attention(model)
-    log = MetricsLogger(run_dir, total_steps, quiet, cfg.report_to)
+    log = MetricsLogger(run_dir, total_steps, quiet, cfg.report_to) if dist.is_main else SilentLogger()
+    where = f"{dist.world_size} x {device} ({dist.mode})" if dist.world_size > 1 else str(device)
     log.print(
-        f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {device}; "
+        f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {where}; "
         f"{len(train_examples):,} examples, {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
 
     start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
     data_id = checkpoint.fingerprint(train_examples)
+    distributed.check_same_data(data_id, dist)
     if resume_from is not None:
         # Weights/adapter, optimizer, scheduler and the RNG states (after seed_everything, so they win).
-        meta = checkpoint.load(resume_from, model, optimizer, scheduler)
+        meta = distributed.load_checkpoint(resume_from, model, optimizer, scheduler, dist)
         if (meta.get("data"), meta.get("total_steps")) != (data_id, total_steps):
             log.close()
             raise TunelabError(
@@ -153,14 +177,16 @@ def train(
         nonlocal best_eval, best_step, last_eval
         if not eval_examples:
             return
-        last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device)
+        last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device, one_row, dist)
         log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
             if not save:
                 return
-            with checkpoint.atomic_dir(run_dir / "best") as tmp:  # never half-written, even if killed
-                save_model(model, tokenizer, tmp, template)
+            weights = distributed.full_model_state(model, dist)  # FSDP: every rank helps gather
+            if dist.is_main:
+                with checkpoint.atomic_dir(run_dir / "best") as tmp:  # never half-written, even if killed
+                    save_model(model, tokenizer, tmp, template, weights)
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
@@ -176,15 +202,24 @@ def train(
         if epoch not in plans:
             plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
         micro_batches = [collate([train_examples[i] for i in mb], one_row) for mb in plans[epoch][index]]
-        n_targets = sum(b.n_targets for b in micro_batches)
+        n_targets = sum(b.n_targets for b in micro_batches)  # the whole step's, known on every rank
         tick = time.perf_counter()
+        distributed.fail_for_test(step + 1, dist)
         step_loss = 0.0
-        for batch in micro_batches:
+        # Several processes: this rank's share of the micro-batches, gradients synced after the last.
+        share = distributed.deal(micro_batches, dist)
+        for i, (batch, counts) in enumerate(share):
             batch = batch.to(device)
-            loss = loss_sum(forward, batch) / max(n_targets, 1)
-            if loss.requires_grad:
-                loss.backward()
+            with distributed.gradient_sync(wrapped, dist, sync=i == len(share) - 1):
+                loss = loss_sum(forward, batch) / max(n_targets, 1)
+                if not counts:
+                    loss = loss * 0.0  # a stand-in pass: it keeps this rank in step and adds nothing
+                if loss.requires_grad:
+                    # DDP/FSDP average gradients over ranks; times world_size, that average is the
+                    # step's sum / n_targets, as on one process (where this multiplies by 1, exactly).
+                    (loss * dist.world_size).backward()
             step_loss += float(loss.detach())
+        step_loss = distributed.all_sum([step_loss], dist)[0]  # the step's loss, equal on every rank
         if not math.isfinite(step_loss):
             # This loss came from the weights after `step` updates, so a checkpoint of that step holds
             # the very weights that diverged; the good ones are older.
@@ -198,7 +233,7 @@ def train(
         grad_norm = None
         if cfg.grad_clip:
             params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            grad_norm = float(distributed.local_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -240,15 +275,21 @@ def train(
                 "best_eval_loss": best_eval if best_step else None,
                 "best_step": best_step,
             }
-            checkpoint.save(
-                run_dir / "checkpoints", done, model, optimizer, scheduler, meta, cfg.keep_last, log.path
-            )
+            # Several processes: every rank helps gather the state (FSDP), rank 0 alone writes it.
+            state = distributed.training_state(model, optimizer, dist)
+            if dist.is_main:
+                checkpoint.save(
+                    run_dir / "checkpoints", done, state, scheduler, meta, cfg.keep_last, log.path
+                )
 
     # ---- finish
     run_eval(total_steps)
     if save:
-        with checkpoint.atomic_dir(run_dir / "final") as tmp:
-            save_model(model, tokenizer, tmp, template)
+        weights = distributed.full_model_state(model, dist)
+        if dist.is_main:
+            with checkpoint.atomic_dir(run_dir / "final") as tmp:
+                save_model(model, tokenizer, tmp, template, weights)
+    distributed.barrier(dist)  # no rank returns before final/ is whole
     log.close()
     return TrainResult(
         run_dir=run_dir,

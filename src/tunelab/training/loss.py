@@ -82,7 +82,9 @@ def loss_sum(model: Any, batch: PackedBatch) -> torch.Tensor:
     if batch.n_targets == 0:
         return torch.zeros((), device=batch.input_ids.device)
     vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else 0
-    if batch.n_targets * vocab > LOGITS_BUDGET:
+    # Not under DDP/FSDP (several processes): calling the decoder and head apart would go around the
+    # wrapped forward, where gradients are hooked for syncing and sharded weights are gathered.
+    if batch.n_targets * vocab > LOGITS_BUDGET and not torch.distributed.is_initialized():
         chunked = chunked_loss_sum(model, batch)
         if chunked is not None:
             return chunked
