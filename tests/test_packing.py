@@ -29,7 +29,7 @@ def test_packed_loss_equals_unpacked(tiny_models, kind, one_row):
     model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32).eval()
     exs = examples(9)
     with torch.no_grad():
-        packed = float(loss_sum(model, collate(exs, one_row)))
+        packed = float(loss_sum(model, collate(exs, one_row, dense_one_row_max=0)))
         alone = sum(float(loss_sum(model, collate([e]))) for e in exs)
         # and against the plain HF forward with its own shifted loss, one example at a time
         reference = 0.0
@@ -64,7 +64,8 @@ def test_collate_layout():
     # shifted inside each example; the last token of `a` does not predict the first of `b`
     assert one.targets.tolist() == [[6, 7, IGNORE, 9, IGNORE]]
     assert (one.n_tokens, one.n_targets, one.n_examples) == (5, 3, 2)
-    rows = collate([a, b], one_row=False)
+    assert collate([a, b], one_row=False).input_ids.shape == (1, 5)  # small batches stay one row
+    rows = collate([a, b], one_row=False, dense_one_row_max=0)
     assert rows.input_ids.shape == (2, 3) and rows.n_tokens == 5 and rows.n_targets == 3
     assert rows.targets.tolist() == [[6, 7, IGNORE], [9, IGNORE, IGNORE]]
 
@@ -86,7 +87,7 @@ def test_chunked_head_loss_and_grads_equal_direct(tiny_models, kind):
     from tunelab.training.loss import chunked_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32)
-    batch = collate(examples(7, seed=4), one_row=False)
+    batch = collate(examples(7, seed=4), one_row=False, dense_one_row_max=0)
     direct = loss_sum(model, batch)
     direct.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

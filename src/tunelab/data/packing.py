@@ -55,10 +55,20 @@ def _rows(examples: list[Encoded], capacity: int | None) -> list[list[Encoded]]:
     return rows
 
 
-def collate(examples: list[Encoded], one_row: bool = True) -> PackedBatch:
+# Up to this many tokens a micro-batch stays one row even with dense-mask attention: the mask and the
+# attention over it cost less than padding rows (world demo on 2 CPU cores: 68.8 vs 73.2 ms/step).
+DENSE_ONE_ROW_MAX = 512
+
+
+def collate(
+    examples: list[Encoded], one_row: bool = True, dense_one_row_max: int = DENSE_ONE_ROW_MAX
+) -> PackedBatch:
     """Pack examples into one row (for varlen attention kernels: no padding at all), or into several
     rows as long as the longest example (for dense-mask attention, e.g. SDPA on CPU, whose cost grows
-    with the square of the row length), padding rows to equal length."""
+    with the square of the row length), padding rows to equal length. Small micro-batches (at most
+    `dense_one_row_max` tokens) stay one row either way."""
+    if sum(len(e.input_ids) for e in examples) <= dense_one_row_max:
+        one_row = True
     capacity = None if one_row else max(len(e.input_ids) for e in examples)
     ids_rows, pos_rows, tgt_rows = [], [], []
     for row in _rows(examples, capacity):
