@@ -217,7 +217,12 @@ def apply_lora(
     modules_to_save: list[str],
 ) -> Any:
     """Wrap with a PEFT LoRA/DoRA adapter; only the adapter (and `modules_to_save`) trains."""
+    import warnings
+
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: a warning users cannot act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
