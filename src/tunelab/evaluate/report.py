@@ -36,8 +36,8 @@ def _figure(width: float = 7.0, height: float = 4.0) -> Any:
     return fig
 
 
-def plot_loss(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path | None:
-    """Train and eval loss against step, one colour per run."""
+def plot_loss(runs: dict[str, list[dict[str, Any]]], out: Path, log: bool = False) -> Path | None:
+    """Train and eval loss against step, one colour per run (`log`: a log-scale loss axis)."""
     if not any(runs.values()):
         return None
     fig = _figure()
@@ -52,11 +52,14 @@ def plot_loss(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path | None:
             ax.plot(
                 *zip(*evals), color=color, linestyle="--", marker="o", markersize=3, label=f"{label} eval"
             )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per trained token")
+    if log:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
 

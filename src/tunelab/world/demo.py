@@ -127,9 +127,9 @@ def _summary_table(summary: dict[str, dict[str, float]]) -> Table:
 def run_demo(
     out: Path | None = None, overwrite: bool = False, quick: bool = False, quiet: bool = False
 ) -> DemoResult:
+    from tunelab.evaluate.report import plot_loss, read_metrics
     from tunelab.generate import Generator
     from tunelab.models import world_base_path
-    from tunelab.report_plots import loss_curves
 
     start = time.perf_counter()
     console = Console(quiet=quiet)
@@ -178,8 +178,7 @@ def run_demo(
         for r in rows:
             f.write(json.dumps(r) + "\n")
     (out / "summary.json").write_text(json.dumps({"exact_match": summary, "seconds": seconds}, indent=2))
-    (out / "plots").mkdir(exist_ok=True)
-    loss_curves({TITLES[k]: v / "metrics.jsonl" for k, v in runs.items()}, out / "plots" / "loss.png")
+    plot_loss({TITLES[k]: read_metrics(v) for k, v in runs.items()}, out / "plots" / "loss.png", log=True)
     (out / "report.md").write_text(_report(rows, summary, runs, seconds))
     console.print(f"report: {out / 'report.md'}   ({seconds:.0f} s)")
     return DemoResult(out, summary, seconds)
