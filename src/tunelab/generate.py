@@ -25,6 +25,28 @@ class Generation:
     completion_tokens: int  # generated tokens before the stop (the stop token itself not counted)
 
 
+def left_padded(ids: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts padded on the left, so every prompt's last token sits where the first new
+    token is predicted; returns input_ids and attention_mask."""
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+    return input_ids, mask
+
+
+def decoding(temperature: float, top_p: float, stops: list[int], pad: int) -> dict[str, Any]:
+    """generate() arguments for greedy (temperature 0) or sampled decoding that stops on `stops`."""
+    sample = temperature > 0
+    return {
+        "do_sample": sample,
+        "temperature": temperature if sample else None,
+        "top_p": top_p if sample else None,
+        "top_k": None,
+        "eos_token_id": stops,
+        "pad_token_id": pad,
+    }
+
+
 @dataclass
 class Generator:
     model: Any
@@ -103,22 +125,14 @@ class Generator:
                 prefix + tok(p if raw else self.render(p), add_special_tokens=False)["input_ids"]
                 for p in chunk
             ]
-            width = max(len(i) for i in ids)
             pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-            # Left padding keeps every prompt's last token at the same place for the first new token.
-            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
-            sample = temperature > 0
+            input_ids, mask = left_padded(ids, pad, device)
+            width = input_ids.shape[1]
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=top_p if sample else None,
-                top_k=None,
-                eos_token_id=stops,
-                pad_token_id=pad,
+                **decoding(temperature, top_p, stops, pad),
                 stop_strings=stop_strings or None,
                 tokenizer=tok if stop_strings else None,
             )

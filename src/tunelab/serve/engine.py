@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from tunelab.generate import decoding, left_padded
 from tunelab.serve.models import Served
 
 # ---------------------------------------------------------------- one batch
@@ -112,28 +113,16 @@ def generate_rows(
     gen, tok = served.generator, served.generator.tokenizer
     stops = gen.stop_ids()
     device = next(gen.model.parameters()).device
-    width = max(len(r.prompt_ids) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    input_ids = torch.tensor(
-        [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device
-    )
-    mask = torch.tensor(
-        [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device
-    )
-    sample = temperature > 0
-    if sample and seed is not None:
+    input_ids, mask = left_padded([r.prompt_ids for r in rows], pad, device)
+    if temperature > 0 and seed is not None:
         torch.manual_seed(seed)
     with served.activate():
         gen.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             max_new_tokens=max(r.max_tokens for r in rows),
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
-            top_k=None,
-            eos_token_id=stops,
-            pad_token_id=pad,
+            **decoding(temperature, top_p, stops, pad),
             stopping_criteria=StoppingCriteriaList([_WatchRows(rows, set(stops), tok, after_step)]),
         )
     for r in rows:  # generate can end without a last check (e.g. a model's own max_length)
