@@ -17,7 +17,11 @@ TEMPLATE_FILE = "tunelab_template.json"
 
 
 def _quiet_hf() -> None:
-    """transformers' own per-file bars would interleave with ours."""
+    """transformers' own per-file bars would interleave with ours; peft 0.21 reads transformers'
+    deprecated `is_gradient_checkpointing`, a warning users cannot act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
@@ -217,12 +221,9 @@ def apply_lora(
     modules_to_save: list[str],
 ) -> Any:
     """Wrap with a PEFT LoRA/DoRA adapter; only the adapter (and `modules_to_save`) trains."""
-    import warnings
-
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: a warning users cannot act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    _quiet_hf()
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
