@@ -189,3 +189,9 @@ def test_report_to_trackers(monkeypatch, llama_dir, qa_file, tmp_path):
     logged = {r["step"]: r["loss"] for r in metrics(run.path) if "loss" in r}
     assert losses == logged and written[-1][0] == "closed"
     assert {k for k, _, _ in written} >= {"eval_loss", "lr", "tokens_per_s"}
+
+
+def test_resume_refuses_overrides(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--train.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues" in err and "--train.lr=1e-3" in err

@@ -16,7 +16,7 @@ __all__ = ["main", "packaged_config"]
 DEFAULT_SFT_CONFIG = "world-qa.yaml"  # what `tunelab train` with nothing else runs (the shipped default)
 
 
-def _split_overrides(extra: list[str]) -> list[str]:
+def _check_overrides(extra: list[str]) -> list[str]:
     bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0])]
     if bad:
         raise TunelabError(
@@ -51,13 +51,19 @@ def _train_config(args: argparse.Namespace, extra: list[str], task: str):
                 raise TunelabError(f"--from {args.from_run}: not a tunelab run directory (no config.yaml)")
     if path is None and task == "sft" and not args.data:
         path = packaged_config(DEFAULT_SFT_CONFIG)
-    return load_config(path, _split_overrides(extra), values)
+    return load_config(path, _check_overrides(extra), values)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
     from tunelab.runner import config_for_resume, run
 
     if args.resume:
+        given = [a for a in (args.config, args.model, args.data, args.out, args.from_run) if a] + extra
+        if given:  # silently ignoring them would train something other than what was asked
+            raise TunelabError(
+                f"--resume continues {args.resume} exactly as it was configured; got also: {' '.join(given)}",
+                f"edit {args.resume}/config.yaml to change it, or start a new run with --from {args.resume}",
+            )
         cfg = config_for_resume(args.resume)
         result = run(cfg, quiet=args.quiet, resume=args.resume)
     else:
