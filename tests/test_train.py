@@ -195,3 +195,14 @@ def test_resume_refuses_overrides(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--train.lr=1e-3"]) == 2
     err = capsys.readouterr().err
     assert "--resume continues" in err and "--train.lr=1e-3" in err
+
+
+def test_leakage_limit_is_a_config_key(llama_dir, tmp_path):
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}."} for i in range(20)]
+    data = write_jsonl(tmp_path / "leaky.jsonl", rows * 2)  # every eval row is also in train
+    with pytest.raises(tunelab.DataError, match=r"limit 1%"):
+        fit(llama_dir, data, tmp_path / "a", max_steps=1)
+    run = fit(llama_dir, data, tmp_path / "b", max_steps=1, **{"data.max_leakage": 1.0})
+    assert run.config.data.max_leakage == 1.0 and (run.path / "final").is_dir()
+    with pytest.raises(tunelab.ConfigError, match="data.max_leakage"):
+        fit(llama_dir, data, tmp_path / "c", max_steps=1, **{"data.max_leakage": 2.0})

@@ -62,6 +62,8 @@ class DataConfig:
     # The pre-flight data check (`tunelab data check`) before training: "block" refuses blocking
     # problems (no EOS, every label masked, eval leaked into train), "warn" only prints them.
     check: Literal["block", "warn", "off"] = "block"
+    # Share of eval rows whose prompt may also be in train before the check blocks (0 = any overlap).
+    max_leakage: float = 0.01
     # Pretraining: documents are joined with EOS and cut into chunks of this many tokens.
     chunk_length: int = 256
 
@@ -272,6 +274,8 @@ def validate(cfg: RunConfig) -> None:
     d, t = cfg.data, cfg.train
     if not 0.0 <= d.eval_ratio < 1.0:
         raise ConfigError(f"data.eval_ratio: got {d.eval_ratio}, expected 0 <= ratio < 1")
+    if not 0.0 <= d.max_leakage <= 1.0:
+        raise ConfigError(f"data.max_leakage: got {d.max_leakage}, expected a share between 0 and 1")
     if d.max_length is not None and d.max_length < 2:
         raise ConfigError(f"data.max_length: got {d.max_length}, expected at least 2")
     if d.template == "custom" and not (d.prompt_format and d.completion_format):

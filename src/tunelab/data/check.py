@@ -70,6 +70,7 @@ def settings_from_config(cfg: RunConfig, tokens_per_s: float | None = None) -> S
         t.micro_batch_tokens,
         t.seed,
         dict(d.fields),
+        max_leakage=d.max_leakage,
         tokens_per_s=tokens_per_s,
     )
 

@@ -49,9 +49,9 @@ def register(sub: Any) -> None:
         "--max-leakage",
         dest="max_leakage",
         type=float,
-        default=DEFAULT_MAX_LEAKAGE,
+        default=None,
         help="share of eval rows whose prompt may also be in train before it blocks "
-        f"(default {DEFAULT_MAX_LEAKAGE}; 0 = any overlap blocks)",
+        f"(default: the config's data.max_leakage, {DEFAULT_MAX_LEAKAGE}; 0 = any overlap blocks)",
     )
     p.add_argument(
         "--tokens-per-s",
@@ -104,7 +104,7 @@ def measured_tokens_per_s(name_or_path: str) -> float | None:
 
 
 def run_check(
-    cfg: RunConfig, max_leakage: float = DEFAULT_MAX_LEAKAGE, tokens_per_s: float | None = None
+    cfg: RunConfig, max_leakage: float | None = None, tokens_per_s: float | None = None
 ) -> tuple[Report, list[Reject]]:
     """The report and the rejected rows for a config. A bad row under on_bad_row=error becomes a
     one-finding blocking report; other errors (config, model, missing file) raise."""
@@ -118,7 +118,9 @@ def run_check(
     tokenizer = load_tokenizer(tok_src.adapter or tok_src.model, cfg.model.trust_remote_code)
     if tokens_per_s is None:
         tokens_per_s = measured_tokens_per_s(cfg.model.name_or_path)
-    settings = dataclasses.replace(settings_from_config(cfg, tokens_per_s), max_leakage=max_leakage)
+    settings = settings_from_config(cfg, tokens_per_s)
+    if max_leakage is not None:
+        settings = dataclasses.replace(settings, max_leakage=max_leakage)
     d = cfg.data
     try:
         loaded = load_records(

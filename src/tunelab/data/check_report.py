@@ -13,7 +13,7 @@ from typing import Literal
 
 # Leakage above this fraction of eval rows blocks: one stray overlap in a few hundred hand-collected
 # rows is common and worth a warning, a percent of the eval set visibly inflates eval scores.
-DEFAULT_MAX_LEAKAGE = 0.01
+DEFAULT_MAX_LEAKAGE = 0.01  # the default of data.max_leakage
 # The per-split counts shown as table rows (terminal and Markdown).
 STAT_ROWS = ("rows", "truncated", "completion_tokens_lost", "zero_trainable", "exact_duplicates",
              "near_duplicates", "tokens", "trainable_tokens")  # fmt: skip
