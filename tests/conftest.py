@@ -107,16 +107,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def qa_file(tmp_path) -> Path:
+def qa_rows() -> list[dict]:
+    """36 distinct question/answer rows: 12 countries x 3 wordings."""
     wordings = (
         "What is the capital of {c}?",
         "Which city is the capital of {c}?",
         "Name the capital of {c}.",
     )
-    rows = [
+    return [
         {"question": w.format(c=c), "answer": f"The capital of {c} is {cap}."}
         for w in wordings
         for c, cap in COUNTRIES
     ]
-    return write_jsonl(tmp_path / "qa.jsonl", rows)  # 36 distinct rows
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "qa.jsonl", qa_rows())

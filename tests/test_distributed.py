@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import COUNTRIES, write_jsonl
+from conftest import qa_rows, write_jsonl
 from tunelab import cli
 from tunelab.data.packing import PackedBatch
 from tunelab.training import distributed
@@ -101,17 +101,8 @@ def assert_same_training(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    wordings = (
-        "What is the capital of {c}?",
-        "Which city is the capital of {c}?",
-        "Name the capital of {c}.",
-    )
-    rows = [
-        {"question": w.format(c=c), "answer": f"The capital of {c} is {cap}."}
-        for w in wordings
-        for c, cap in COUNTRIES
-    ]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", rows)
+    # the same rows as the qa_file fixture, at module scope so one launch serves every test
+    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", qa_rows())
 
 
 @pytest.fixture(scope="module")
