@@ -51,7 +51,7 @@ def build_tokenizer(out: Path, chat_template: bool = True):
     return fast
 
 
-def build_model(kind: str, tokenizer, out: Path, seed: int = 0) -> Path:
+def build_model(kind: str, tokenizer, out: Path, seed: int = 0, width: int = 32) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,6 +63,7 @@ def build_model(kind: str, tokenizer, out: Path, seed: int = 0) -> Path:
         "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     }[kind]  # fmt: skip
+    shapes.update(hidden_size=width, intermediate_size=2 * width)
     config = AutoConfig.for_model(
         kind,
         vocab_size=len(tokenizer),
