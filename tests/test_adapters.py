@@ -174,7 +174,9 @@ def test_qlora_trains_a_4bit_base(tokenizer, tmp_path, spy, monkeypatch):
         monkeypatch.setattr(runner, "quantization_config", lambda m, d: real(m, torch.device("cuda")))
     # bitsandbytes' CPU layout needs in_features divisible by its block size (64): a 64-wide model.
     model_dir = build_model("llama", tokenizer, tmp_path / "llama64", width=64)
-    run = run_lora(model_dir, arithmetic(tmp_path / "qa.jsonl"), tmp_path / "run", **{"train.method": "qlora"})
+    run = run_lora(
+        model_dir, arithmetic(tmp_path / "qa.jsonl"), tmp_path / "run", **{"train.method": "qlora"}
+    )
     model = spy["model"]
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # every attention and MLP projection of both layers
