@@ -9,7 +9,27 @@ from transformers import AutoModelForCausalLM
 
 from tunelab.data.packing import collate, plan_epoch
 from tunelab.data.tokenize import IGNORE, Encoded
+from tunelab.training import attention
 from tunelab.training.loss import loss_sum, per_example_loss
+
+# How a packed micro-batch reaches attention: one row through tunelab's per-example packed attention;
+# one row with the block-diagonal mask transformers builds for SDPA; rows padded to the longest.
+LAYOUTS = ["packed-attention", "sdpa-mask", "rows"]
+
+
+def load(path, layout: str = "packed-attention"):
+    """An fp32 model, and whether collate should give it varlen rows."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if layout == "packed-attention":
+        assert attention.enable(model) is not None  # switched for the test's lifetime
+        assert model.config._attn_implementation == attention.NAME
+    return model
+
+
+def pack(exs: list[Encoded], layout: str):
+    if layout == "packed-attention":
+        return collate(exs, varlen=True)
+    return collate(exs, varlen=False, dense_one_row_max=10**6 if layout == "sdpa-mask" else 0)
 
 
 def examples(n: int, seed: int = 0, vocab: int = 300) -> list[Encoded]:
@@ -23,34 +43,47 @@ def examples(n: int, seed: int = 0, vocab: int = 300) -> list[Encoded]:
     return out
 
 
+def reference_loss(path, exs: list[Encoded]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The plain path: a fresh SDPA model, one example at a time, HF's own forward, summed loss, and
+    the gradients of that sum."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    total = torch.zeros(())
+    for e in exs:
+        logits = model(torch.tensor([e.input_ids])).logits[0, :-1]
+        labels = torch.tensor(e.labels[1:])
+        total = total + torch.nn.functional.cross_entropy(
+            logits, labels, ignore_index=IGNORE, reduction="sum"
+        )
+    total.backward()
+    return total.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt_neox", "qwen2"])
-@pytest.mark.parametrize("one_row", [True, False], ids=["one-row", "rows"])
-def test_packed_loss_equals_unpacked(tiny_models, kind, one_row):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32).eval()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_loss_and_gradients_equal_unpacked(tiny_models, kind, layout):
+    """fp32 on CPU: the same loss and the same gradients as running the examples one by one."""
     exs = examples(9)
+    expected, expected_grads = reference_loss(tiny_models[kind], exs)
+    model = load(tiny_models[kind], layout)
+    packed = loss_sum(model, pack(exs, layout))
+    packed.backward()
+    assert float(packed.detach()) == pytest.approx(float(expected), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
     with torch.no_grad():
-        packed = float(loss_sum(model, collate(exs, one_row, dense_one_row_max=0)))
-        alone = sum(float(loss_sum(model, collate([e]))) for e in exs)
-        # and against the plain HF forward with its own shifted loss, one example at a time
-        reference = 0.0
-        for e in exs:
-            logits = model(torch.tensor([e.input_ids])).logits[0, :-1]
-            labels = torch.tensor(e.labels[1:])
-            reference += float(
-                torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-            )
-    assert packed == pytest.approx(alone, rel=1e-5)
-    assert packed == pytest.approx(reference, rel=1e-5)
+        alone = sum(float(loss_sum(model, pack([e], layout))) for e in exs)
+    assert float(packed.detach()) == pytest.approx(alone, rel=1e-5)
 
 
-def test_no_attention_across_examples(llama_dir):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_attention_across_examples(llama_dir, layout):
     """Changing one example's tokens leaves the other examples' losses in the row untouched."""
-    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    model = load(llama_dir, layout).eval()
     a, b, c = examples(3, seed=1)
     b2 = Encoded([t + 1 for t in b.input_ids], b.labels)
     with torch.no_grad():
-        first = per_example_loss(model, collate([a, b, c]))
-        second = per_example_loss(model, collate([a, b2, c]))
+        first = per_example_loss(model, pack([a, b, c], layout))
+        second = per_example_loss(model, pack([a, b2, c], layout))
     assert first[0] == pytest.approx(second[0], abs=1e-6) and first[2] == pytest.approx(second[2], abs=1e-6)
     assert first[1] != pytest.approx(second[1], abs=1e-4)
 
@@ -64,8 +97,11 @@ def test_collate_layout():
     # shifted inside each example; the last token of `a` does not predict the first of `b`
     assert one.targets.tolist() == [[6, 7, IGNORE, 9, IGNORE]]
     assert (one.n_tokens, one.n_targets, one.n_examples) == (5, 3, 2)
-    assert collate([a, b], one_row=False).input_ids.shape == (1, 5)  # small batches stay one row
-    rows = collate([a, b], one_row=False, dense_one_row_max=0)
+    assert one.cu_seqlens.tolist() == [0, 3, 5] and one.max_len == 3
+    dense = collate([a, b], varlen=False)
+    assert dense.input_ids.shape == (1, 5) and dense.cu_seqlens is None  # small batches stay one row
+    assert dense.attention_kwargs() == {}
+    rows = collate([a, b], varlen=False, dense_one_row_max=0)
     assert rows.input_ids.shape == (2, 3) and rows.n_tokens == 5 and rows.n_targets == 3
     assert rows.targets.tolist() == [[6, 7, IGNORE], [9, IGNORE, IGNORE]]
 
@@ -87,7 +123,7 @@ def test_chunked_head_loss_and_grads_equal_direct(tiny_models, kind):
     from tunelab.training.loss import chunked_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32)
-    batch = collate(examples(7, seed=4), one_row=False, dense_one_row_max=0)
+    batch = collate(examples(7, seed=4), varlen=False, dense_one_row_max=0)
     direct = loss_sum(model, batch)
     direct.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -1,13 +1,16 @@
 """Examples -> padding-free packed batches.
 
-Each micro-batch is one row of concatenated examples. Position ids restart at 0 for every example;
-transformers builds a block-diagonal causal mask from them (masking_utils.find_packed_sequence_indices),
-and flash/SDPA varlen kernels use them the same way, so no example attends to another. Targets are
-shifted inside each example, so the last token of one example never predicts the first of the next.
+Each micro-batch is one row of concatenated examples. Position ids restart at 0 for every example, and
+the row carries the examples' boundaries (`cu_seqlens`), which varlen attention kernels (flash, and
+tunelab's packed attention in training/attention.py) take so that no example attends to another. For
+attention that needs a mask, transformers builds a block-diagonal causal one from the position ids
+(masking_utils.find_packed_sequence_indices). Targets are shifted inside each example, so the last
+token of one example never predicts the first of the next.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -24,6 +27,8 @@ class PackedBatch:
     n_examples: int
     n_tokens: int  # real tokens (row padding not counted)
     n_targets: int  # tokens that carry loss
+    cu_seqlens: torch.Tensor | None = None  # [examples + 1] boundaries in the row (varlen batches only)
+    max_len: int = 0  # the longest example (varlen batches only)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(
@@ -33,7 +38,20 @@ class PackedBatch:
             self.n_examples,
             self.n_tokens,
             self.n_targets,
+            None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True),
+            self.max_len,
         )
+
+    def attention_kwargs(self) -> dict:
+        """The examples' boundaries under the names transformers passes down to varlen attention."""
+        if self.cu_seqlens is None:
+            return {}
+        return {
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_len,
+            "max_length_k": self.max_len,
+        }
 
 
 def _rows(examples: list[Encoded], capacity: int | None) -> list[list[Encoded]]:
@@ -61,14 +79,13 @@ DENSE_ONE_ROW_MAX = 512
 
 
 def collate(
-    examples: list[Encoded], one_row: bool = True, dense_one_row_max: int = DENSE_ONE_ROW_MAX
+    examples: list[Encoded], varlen: bool = True, dense_one_row_max: int = DENSE_ONE_ROW_MAX
 ) -> PackedBatch:
-    """Pack examples into one row (for varlen attention kernels: no padding at all), or into several
-    rows as long as the longest example (for dense-mask attention, e.g. SDPA on CPU, whose cost grows
-    with the square of the row length), padding rows to equal length. Small micro-batches (at most
-    `dense_one_row_max` tokens) stay one row either way."""
-    if sum(len(e.input_ids) for e in examples) <= dense_one_row_max:
-        one_row = True
+    """`varlen`: pack examples into one row with their boundaries, for varlen attention (no padding
+    at all). Otherwise, for attention that needs a dense mask (whose cost grows with the square of the
+    row length), into several rows as long as the longest example, padded to equal length; small
+    micro-batches (at most `dense_one_row_max` tokens) stay one row there too."""
+    one_row = varlen or sum(len(e.input_ids) for e in examples) <= dense_one_row_max
     capacity = None if one_row else max(len(e.input_ids) for e in examples)
     ids_rows, pos_rows, tgt_rows = [], [], []
     for row in _rows(examples, capacity):
@@ -93,6 +110,11 @@ def collate(
         pos.extend(range(pad))
         tgt.extend([IGNORE] * pad)
     targets = torch.tensor(tgt_rows)
+    cu_seqlens, max_len = None, 0
+    if varlen:
+        lengths = [len(ex.input_ids) for ex in examples]  # one row: examples in this order
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        max_len = max(lengths)
     return PackedBatch(
         torch.tensor(ids_rows),
         torch.tensor(pos_rows),
@@ -100,6 +122,8 @@ def collate(
         len(examples),
         n_tokens,
         int((targets != IGNORE).sum()),
+        cu_seqlens,
+        max_len,
     )
 
 

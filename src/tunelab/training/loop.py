@@ -28,7 +28,7 @@ from tunelab.data.packing import collate, plan_epoch, plan_eval
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.models import count_parameters, save_model
-from tunelab.training import checkpoint, distributed
+from tunelab.training import attention, checkpoint, distributed
 from tunelab.training.distributed import Dist
 from tunelab.training.logger import MetricsLogger, SilentLogger
 from tunelab.training.loss import loss_sum
@@ -76,30 +76,24 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
 
 
-def varlen_attention(model: Any) -> bool:
-    """Flash-attention kernels take packed rows by position ids with no mask: one row, no padding.
-    Dense-mask attention (SDPA/eager, e.g. on CPU) pays for the square of the row length, so there
-    each micro-batch becomes rows as long as its longest example instead."""
-    return str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
-
-
 @torch.no_grad()
 def evaluate(
     model: Any,
     examples: list[Encoded],
     micro_batch_tokens: int,
     device: torch.device,
-    one_row: bool | None = None,
+    varlen: bool | None = None,
     dist: Dist = distributed.SINGLE,
 ) -> float:
-    """Mean loss per trained token over `examples` (`one_row`: see varlen_attention; None = ask `model`).
+    """Mean loss per trained token over `examples` (`varlen`: the model takes one packed row with
+    boundaries, see training/attention.py; None = ask `model`).
     Several processes: each rank evaluates its share and every rank returns the same mean."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    one_row = varlen_attention(model) if one_row is None else one_row
+    varlen = attention.is_varlen(model) if varlen is None else varlen
     plan = plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens)
-    batches = [collate([examples[i] for i in mb], one_row) for mb in plan]
+    batches = [collate([examples[i] for i in mb], varlen) for mb in plan]
     for batch, counts in distributed.deal(batches, dist):
         loss = float(loss_sum(model, batch.to(device)))
         if counts:
@@ -110,7 +104,14 @@ def evaluate(
     return total / max(count, 1)
 
 
-def train(
+def train(model: Any, *args: Any, **kwargs: Any) -> TrainResult:
+    """Train `model` in place (arguments: `_train`). An SDPA model runs tunelab's per-example packed
+    attention while it trains (training/attention.py) and gets its own attention back afterwards."""
+    with attention.packed(model):
+        return _train(model, *args, **kwargs)
+
+
+def _train(
     model: Any,
     tokenizer: Any,
     train_examples: list[Encoded],
@@ -149,7 +150,7 @@ def train(
     peak = peak_flops(device)
     if peak:
         peak *= dist.world_size  # tokens/s counts every rank's tokens
-    one_row = varlen_attention(model)
+    varlen = attention.is_varlen(model)  # one packed row per micro-batch, no mask
     log = MetricsLogger(run_dir, total_steps, quiet, cfg.report_to) if dist.is_main else SilentLogger()
     where = f"{dist.world_size} x {device} ({dist.mode})" if dist.world_size > 1 else str(device)
     log.print(
@@ -179,7 +180,7 @@ def train(
         nonlocal best_eval, best_step, last_eval
         if not eval_examples:
             return
-        last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device, one_row, dist)
+        last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device, varlen, dist)
         log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
@@ -203,7 +204,7 @@ def train(
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in plans:
             plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
-        micro_batches = [collate([train_examples[i] for i in mb], one_row) for mb in plans[epoch][index]]
+        micro_batches = [collate([train_examples[i] for i in mb], varlen) for mb in plans[epoch][index]]
         n_targets = sum(b.n_targets for b in micro_batches)  # the whole step's, known on every rank
         tick = time.perf_counter()
         distributed.fail_for_test(step + 1, dist)

@@ -29,6 +29,7 @@ def _logits(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]
         position_ids=batch.position_ids,
         use_cache=False,
         logits_to_keep=keep,
+        **batch.attention_kwargs(),
     )
     return out.logits.float(), batch.targets[:, keep]
 
@@ -63,7 +64,10 @@ def chunked_loss_sum(model: Any, batch: PackedBatch, chunk: int = CHUNK_POSITION
         return None
     decoder, head = parts
     hidden = decoder(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **batch.attention_kwargs(),
     ).last_hidden_state
     mask = batch.targets != IGNORE
     hidden, targets = hidden[mask], batch.targets[mask]

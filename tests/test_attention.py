@@ -1,0 +1,98 @@
+"""tunelab's per-example packed attention (training/attention.py): exact on CPU, including sliding
+windows; switched on only while tunelab trains; loud when misused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import build_model
+from test_packing import examples, pack, reference_loss
+from tunelab.errors import TunelabError
+from tunelab.training import attention
+from tunelab.training.loss import loss_sum
+
+
+def test_sliding_window_matches_unpacked(tokenizer, tmp_path):
+    """A Qwen2 model attending over a 4-token window: the padded path's banded mask equals HF's."""
+    path = build_model("qwen2", tokenizer, tmp_path / "qwen2")
+    config = AutoConfig.from_pretrained(path)
+    config.update({"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0})
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    AutoModelForCausalLM.from_pretrained(path, config=config).save_pretrained(path)
+    exs = examples(6, seed=2)
+    expected, _ = reference_loss(path, exs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with attention.packed(model) as varlen:
+        assert varlen
+        packed = float(loss_sum(model, pack(exs, "packed-attention")).detach())
+    assert packed == pytest.approx(float(expected), rel=1e-5)
+    assert any(m.sliding_window == 4 for m in model.modules() if hasattr(m, "sliding_window"))
+    # and the window mattered: the same weights with full attention give another loss
+    full = build_model("qwen2", tokenizer, tmp_path / "full")
+    assert float(reference_loss(full, exs)[0]) != pytest.approx(packed, rel=1e-4)
+
+
+def test_switched_only_while_training_and_not_saved(llama_dir, tmp_path, monkeypatch):
+    from tunelab.config import TrainConfig
+    from tunelab.training.loop import train
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    seen = []
+    real = attention.packed_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["cu_seq_lens_q"].tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "packed_attention", spy)  # what _register hands transformers
+    exs = examples(12, seed=5)
+    cfg = TrainConfig(max_steps=2, batch_size=6, eval_every=0, log_every=1)
+    (tmp_path / "run").mkdir()
+    train(model, None, exs, exs[:3], cfg, tmp_path / "run", quiet=True, save=False)
+    assert seen and all(cu[0] == 0 and len(cu) > 2 for cu in seen)  # packed rows, with boundaries
+    assert model.config._attn_implementation == "sdpa"  # given back
+    model.save_pretrained(tmp_path / "saved")
+    assert attention.NAME not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_misuse_says_what_to_do(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with attention.packed(model):
+        with pytest.raises(TunelabError, match="without a packed row") as e:
+            model(torch.tensor([[5, 6, 7]]))
+    assert "set_attn_implementation('sdpa')" in e.value.hint
+    assert model(torch.tensor([[5, 6, 7]])).logits.shape[1] == 3  # back to SDPA after the block
+
+
+def test_not_switched_where_unsupported(llama_dir):
+    eager = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
+    with attention.packed(eager) as varlen:
+        assert not varlen and eager.config._attn_implementation == "eager"
+    assert json.loads((llama_dir / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen flash kernel is CUDA-only")
+def test_cuda_varlen_kernel_matches_padded_sdpa():
+    """On CUDA in bf16 the packed path runs torch's varlen kernel; it must equal the padded SDPA path
+    within bf16 tolerance (1e-2 relative), forward and backward."""
+    assert attention._varlen_kernel() is not None
+    torch.manual_seed(0)
+    lengths = [37, 5, 120, 64, 1, 300]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, 8, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fast, _ = attention.packed_attention(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=max(lengths))
+    assert attention._cuda_kernel["fn"] is not None  # it did not fall back
+    slow = attention._padded(q, k, v, cu, max(lengths), 0.0, None, None)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad(fast, (q, k, v), g)
+    grads_slow = torch.autograd.grad(slow, (q, k, v), g)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-2)
