@@ -141,7 +141,8 @@ def _train(
     wrapped = distributed.wrap(model, dist)
     # The compiled module shares its parameters with `model`: optimise and save `model`, run `forward`.
     # dynamic=True because packed micro-batches change shape from step to step.
-    forward = torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped
+    compiled = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+    forward = torch.compile(wrapped, dynamic=True) if compiled else wrapped
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
