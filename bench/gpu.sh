@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: tunelab's SFT speed beside the peers (BENCH.md), every line to $OUT.
-# NOT YET RUN: written in a session without a GPU, for the first session that has one.
+# tunelab's SFT speed beside the peers (BENCH.md) on the GPU machine, every line to $OUT.
+# NOT YET RUN: written in sessions without a GPU, for the first session that has one.
 #
-# Here, before the call:
+# Here, before the calls:
 #   echo /.peers/ >> .git/info/exclude; cp -r ../shared/bench .peers
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .peers/whl \
-#       trl datasets dill multiprocess liger-kernel rich pyyaml
-# Then: device run(command="bash bench/gpu.sh", carry=[".peers"])
+#       trl datasets dill multiprocess liger-kernel rich pyyaml bitsandbytes
+# Then one device call per part (each fits the 10-minute limit; the machine stays warm between them):
+#   run(command="bash bench/gpu.sh qwen0.5b", carry=[".peers"])
+#   run(command="bash bench/gpu.sh llama1b", carry=[".peers"])
+#   run(command="bash bench/gpu.sh peers", carry=[".peers"])    # TRL + Liger, both shapes
+#   run(command="bash bench/gpu.sh tests", carry=[".peers"])    # QLoRA, varlen kernel: CUDA-only tests
 set -u
+part=${1:?usage: bash bench/gpu.sh qwen0.5b|llama1b|peers|tests}
 out=${OUT:-/tmp/tunelab-bench}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -16,15 +21,19 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.t
 python3 -m pip install -q --no-index --no-deps --find-links .peers/whl rich pyyaml 2>/dev/null
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 res="$out/gpu.jsonl"
-# ~16k real tokens per optimizer step, like the peers (44 examples x 368 tokens).
-for model in qwen0.5b llama1b; do
-  for extra in "" "--compile" "--attn flex_attention" "--gradient-checkpointing" "--method lora"; do
-    timeout 300 python3 bench/sft_speed.py --model "$model" --batch 44 --micro-batch-tokens 16384 \
-      $extra --results "$res" 2>&1 | tail -2
-  done
-done
-OUT="$out" STEPS=40 bash .peers/run_peers.sh .peers/whl "trl_pack_liger qwen0.5b" "trl_pack_liger llama1b" \
-  | tee "$out/peers.txt"
-# QLoRA and other CUDA-only tests (issue 5), if bitsandbytes is in .peers/whl:
-python3 -m pip install -q --no-index --no-deps --find-links .peers/whl bitsandbytes 2>/dev/null \
-  && timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
+case "$part" in
+  qwen0.5b|llama1b)
+    # ~16k real tokens per optimizer step, like the peers (44 examples x 368 tokens). Defaults first
+    # (compile on CUDA, packed varlen attention), then each choice changed alone.
+    for extra in "" "--compile false" "--attention mask" "--attn flex_attention --attention mask" \
+                 "--gradient-checkpointing" "--method lora"; do
+      timeout 150 python3 bench/sft_speed.py --model "$part" --batch 44 --micro-batch-tokens 16384 \
+        $extra --results "$res" 2>&1 | tail -2
+    done ;;
+  peers)
+    OUT="$out" STEPS=40 bash .peers/run_peers.sh .peers/whl "trl_pack_liger qwen0.5b" "trl_pack_liger llama1b" \
+      | tee "$out/peers.txt" ;;
+  tests)
+    python3 -m pip install -q --no-index --no-deps --find-links .peers/whl bitsandbytes 2>/dev/null
+    timeout 500 python3 -m pytest -q -m gpu tests 2>&1 | tail -15 | tee "$out/gpu-tests.txt" ;;
+esac

@@ -55,11 +55,15 @@ def run_tunelab(args: argparse.Namespace) -> dict:
 
     from tunelab.config import TrainConfig
     from tunelab.models import apply_lora, count_parameters, pick_dtype
+    from tunelab.training import attention
     from tunelab.training.loop import train
 
     spec = dict(MODELS[args.model])
     arch = spec.pop("arch")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
+    if args.attention == "mask":
+        attention.supported = lambda model: False  # keep transformers' own SDPA + dense mask
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
@@ -71,7 +75,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     examples = make_examples(4000, spec["vocab_size"], short=args.model == "world")
     train_cfg = TrainConfig(
         lr=1e-5, max_steps=args.steps, batch_size=args.batch, micro_batch_tokens=args.micro_batch_tokens,
-        log_every=1, eval_every=0, warmup_ratio=0.0, grad_clip=1.0, compile=args.compile,
+        log_every=1, eval_every=0, warmup_ratio=0.0, grad_clip=1.0, compile=compiled,
         gradient_checkpointing=args.gradient_checkpointing, method=args.method,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +88,9 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     tps = tokens / seconds
     return {
         "config": f"tunelab_{args.method}"
-        + ("_compile" if args.compile else "")
+        + ("_compile" if compiled else "")
+        + ("_mask" if args.attention == "mask" else "")
+        + (f"_{args.attn}" if args.attn != "sdpa" else "")
         + ("_gc" if args.gradient_checkpointing else ""),
         "model": args.model,
         "device": torch.cuda.get_device_name()
@@ -124,7 +130,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--method", choices=["full", "lora"], default="full")
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="true",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="train.compile: auto = on CUDA, off on CPU (bare --compile = true)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["packed", "mask"],
+        default="packed",
+        help="packed = tunelab's per-example varlen attention (default); mask = SDPA with the dense "
+        "block-diagonal mask transformers builds (the path before it)",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--peers", type=Path, help="folder with the peers' peers_gpu.py: run them too, same machine"
@@ -139,8 +159,9 @@ def main() -> None:
     rows = []
     cmd = [sys.executable, __file__, "--only-tunelab", "--model", args.model, "--batch", str(args.batch),
            "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
-           "--method", args.method, "--attn", args.attn]  # fmt: skip
-    cmd += ["--compile"] * args.compile + ["--gradient-checkpointing"] * args.gradient_checkpointing
+           "--method", args.method, "--attn", args.attn, "--compile", args.compile,
+           "--attention", args.attention]  # fmt: skip
+    cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     rows.append(json.loads(line[7:]) if line else {"config": "tunelab", "error": proc.stderr[-800:]})
