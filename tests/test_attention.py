@@ -96,3 +96,19 @@ def test_cuda_varlen_kernel_matches_padded_sdpa():
     grads_slow = torch.autograd.grad(slow, (q, k, v), g)
     for a, b in zip(grads_fast, grads_slow):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-2)
+
+
+def test_gradient_checkpointing_recomputes_the_same_packed_attention(llama_dir):
+    """Activation checkpointing re-runs each layer in the backward pass; the boundaries must reach
+    the recomputation too, or the gradients would differ."""
+    exs = examples(8, seed=3)
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with attention.packed(model):
+            loss_sum(model, pack(exs, "packed-attention")).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)

@@ -83,6 +83,20 @@ def test_pretrain_from_scratch_and_continued(tokenizer_dir, llama_dir, tmp_path)
     assert (cont.path / "final" / "model.safetensors").exists()
 
 
+def test_pretrain_data_is_checked_before_the_model_loads(monkeypatch, tokenizer_dir, tmp_path, capsys):
+    """Eval documents that are also training documents measure memorisation, not generalisation."""
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    docs = [{"text": f"Document {i} talks about river {i} and its bridges."} for i in range(40)]
+    train = write_jsonl(tmp_path / "train.jsonl", docs)
+    held = write_jsonl(tmp_path / "held.jsonl", [docs[3], docs[7], {"text": "A new document."}])
+    init = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 128}  # fmt: skip
+    with pytest.raises(tunelab.TunelabError, match="2 of 3 .*eval rows are documents that train also has"):
+        tunelab.pretrain(data=str(train), eval_path=str(held), out=str(tmp_path / "pt"), quiet=True, **{
+            "model.init": init, "model.tokenizer": str(tokenizer_dir), "chunk_length": 32})  # fmt: skip
+    assert "data check: blocking" in capsys.readouterr().err
+
+
 def test_bad_input_stops_before_the_model_loads(monkeypatch, llama_dir, tmp_path, capsys):
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded for bad input")

@@ -85,6 +85,9 @@ def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.T
                 source=d.path,
                 hint="give rows with a 'text' field, or a .txt file",
             )
+        # Documents are cut into chunks, never truncated: no length limit in the check.
+        settings = dataclasses.replace(check.settings_from_config(cfg), max_length=2**62)
+        check.preflight(d.check, loaded, templates.Template("none", schema="text"), tokenizer, settings)
         texts = [r.values["text"] for r in loaded.train]
         eval_texts = [r.values["text"] for r in loaded.eval]
         train_ex = pack_documents(texts, tokenizer, d.chunk_length)

@@ -111,6 +111,8 @@ def _prompt_key(values: dict[str, Any], schema: str) -> tuple[str, ...] | None:
     """What the model is asked: leakage is an eval prompt that training already answered."""
     if schema == "messages":
         parts = [normalise(m["content"]) for m in values["messages"] if m["role"] != "assistant"]
+    elif schema == "text":  # raw text (pretraining): the same document on both sides
+        parts = [normalise(values["text"])]
     else:
         target = COMPLETION_ROLE.get(schema)
         parts = [normalise(values[r]) for r in sorted(values) if r != target]
@@ -316,7 +318,9 @@ def findings(report: Report) -> list[Finding]:
             Finding(
                 level,
                 "leakage",
-                f"{_pct(report.leaked, held.rows)} eval rows ask a prompt that train also has "
+                f"{_pct(report.leaked, held.rows)} eval rows "
+                + ("are documents" if report.schema == "text" else "ask a prompt")
+                + " that train also has "
                 f"(limit {100 * report.max_leakage:g}%)" + _at(report.leaked_at, report.leaked),
             )
         )
