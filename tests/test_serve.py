@@ -17,6 +17,9 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 from conftest import COUNTRIES, write_jsonl  # noqa: E402
 
 KEY = "test-key"
@@ -377,3 +380,33 @@ def test_cli_errors():
 
     assert main(["serve"]) == 2  # nothing to serve
     assert main(["serve", "--name", "noequals"]) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab é日本 ,.\n!Zq")), min_size=1, max_size=40))
+def test_incremental_decoding_equals_full_decode(tokenizer, text):
+    """The server decodes each step's new tokens only; what it accumulates (and streams) must be the
+    full decode, multi-byte characters split across byte-level tokens included."""
+    from tunelab.serve.engine import Row
+
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces: list[str] = []
+    row = Row([], max_tokens=len(ids) + 1, on_event=lambda piece, reason: pieces.append(piece))
+    for token in ids:
+        row.step(token, set(), tokenizer)
+    assert row._decoded == tokenizer.decode(ids, skip_special_tokens=True)
+    row.finish("stop", tokenizer)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == row.text
+
+
+def test_stop_string_across_tokens_is_found_and_cut(tokenizer):
+    from tunelab.serve.engine import Row
+
+    ids = tokenizer.encode("The capital of Peru is Lima. Question 2: what", add_special_tokens=False)
+    row = Row([], max_tokens=100, stop=("Question 2",))
+    for token in ids:
+        row.step(token, set(), tokenizer)
+        if row.finish_reason:
+            break
+    assert row.finish_reason == "stop" and row.text == "The capital of Peru is Lima. "
+    assert len(row.tokens) < len(ids)  # it stopped as soon as the stop string was complete

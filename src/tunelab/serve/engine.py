@@ -39,6 +39,11 @@ class Row:
     generated: int = 0  # tokens the model produced, including the stop token that ended the row
     text: str = ""  # the answer; while streaming, what has been sent so far
     finish_reason: str | None = None  # stop | length | cancelled
+    # Incremental detokenisation (as TGI/vLLM do it): each step decodes only the tokens since
+    # `_prefix`, and `_decoded` grows by what they add, so a long answer costs O(n), not O(n^2).
+    _decoded: str = ""
+    _prefix: int = 0
+    _read: int = 0
 
     def step(self, token: int, stop_ids: set[int], tok: Any) -> None:
         if self.is_cancelled():
@@ -49,13 +54,26 @@ class Row:
             return self.finish("stop", tok)
         self.tokens.append(token)
         if self.stop or self.on_event:
-            full = tok.decode(self.tokens, skip_special_tokens=True)
-            if self._stop_at(full) is not None:
+            seen = len(self._decoded)
+            self._decoded += self._decode_new(tok)
+            # A stop string that ends in the new text starts at most len(stop) - 1 characters before it.
+            start = max(0, seen - max((len(s) for s in self.stop), default=1) + 1)
+            if self._stop_at(self._decoded[start:]) is not None:
                 return self.finish("stop", tok)
             if len(self.tokens) < self.max_tokens and self.on_event:
-                self._emit(self._safe(full))
+                self._emit(self._safe(self._decoded))
         if len(self.tokens) >= self.max_tokens:
             self.finish("length", tok)
+
+    def _decode_new(self, tok: Any) -> str:
+        """The text the tokens since the last call add. Decoding from a few tokens back (`_prefix`)
+        keeps the spacing the tokenizer gives in context; an unfinished character waits."""
+        before = tok.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        now = tok.decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.tokens)
+        return now[len(before) :]
 
     def finish(self, reason: str, tok: Any) -> None:
         full = tok.decode(self.tokens, skip_special_tokens=True)
