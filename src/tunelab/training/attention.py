@@ -128,6 +128,12 @@ def packed_attention(
             if sliding_window is not None:
                 causal = {"window_size": (sliding_window - 1, 0)} if "window_size" in causal else None
             if causal is not None:
+                groups = query.shape[1] // key.shape[1]
+                if groups > 1:
+                    if _cuda_kernel["gqa"]:
+                        causal = {**causal, "enable_gqa": True}
+                    else:
+                        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
                 try:
                     out = fn(
                         query[0].transpose(0, 1),
@@ -138,7 +144,6 @@ def packed_attention(
                         max_len,
                         max_len,
                         scale=scaling,
-                        enable_gqa=key.shape[1] != query.shape[1],
                         **causal,
                     )
                     return out.unsqueeze(0), None
