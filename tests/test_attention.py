@@ -112,3 +112,52 @@ def test_gradient_checkpointing_recomputes_the_same_packed_attention(llama_dir):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("signature", ["window_size+gqa", "window_size", "is_causal"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_varlen_kernel_call_matches_padded_path(monkeypatch, signature, window):
+    """The CUDA branch's plumbing, checked on CPU with a stand-in kernel that has varlen_attn's
+    contract ([tokens, heads, dim], int32 boundaries, causal or windowed through its kwargs) and
+    computes each sequence with plain SDPA: layouts, GQA and windows must give the padded path's result."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None, is_causal=None,
+               enable_gqa=False):  # fmt: skip
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and max_q == max_k
+        assert enable_gqa or k.shape[1] == q.shape[1]
+        left = window_size[0] if window_size is not None else -1
+        assert (window_size is not None) != (is_causal is not None)
+        calls.append((k.shape[1], window_size))
+        out = []
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            i = torch.arange(b - a)
+            mask = (i[None, :] <= i[:, None]) & ((left < 0) | (i[:, None] - i[None, :] <= left))
+            qi, ki, vi = (x[a:b].transpose(0, 1) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+            out.append(o.transpose(0, 1))
+        return torch.cat(out)
+
+    causal = {"is_causal": True} if signature == "is_causal" else {"window_size": (-1, 0)}
+    monkeypatch.setattr(attention, "_kernel_applies", lambda q, d: True)
+    monkeypatch.setattr(
+        attention, "_cuda_kernel", {"fn": kernel, "causal": causal, "gqa": "gqa" in signature}
+    )
+    torch.manual_seed(0)
+    lengths = [7, 1, 12, 3]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, 4, sum(lengths), 8)
+    k, v = torch.randn(1, 2, sum(lengths), 8), torch.randn(1, 2, sum(lengths), 8)
+    out, _ = attention.packed_attention(
+        None, q, k, v, None, scaling=0.3, sliding_window=window, cu_seq_lens_q=cu, max_length_q=12
+    )
+    expected = attention._padded(q, k, v, cu, 12, 0.0, 0.3, window)
+    if window is not None and signature == "is_causal":
+        assert not calls  # an is_causal-only kernel cannot do windows: the padded path ran
+    else:
+        expected_window = None if signature == "is_causal" else (window - 1 if window else -1, 0)
+        assert calls and calls[0] == (2 if "gqa" in signature else 4, expected_window)
+    assert out.shape == (1, sum(lengths), 4, 8)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

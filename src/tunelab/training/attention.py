@@ -100,6 +100,11 @@ def _padded(
     )
 
 
+def _kernel_applies(query: torch.Tensor, dropout: float) -> bool:
+    """torch's varlen flash kernel: CUDA, half precision, no attention dropout."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+
+
 def packed_attention(
     module: Any,
     query: torch.Tensor,
@@ -121,7 +126,7 @@ def packed_attention(
             "it is meant for tunelab's training loop only; call model.set_attn_implementation('sdpa')",
         )
     max_len = int(max_length_q)
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout:
+    if _kernel_applies(query, dropout):
         kernel = _varlen_kernel()
         if kernel is not None:
             fn, causal = kernel
