@@ -36,6 +36,8 @@ def test_finetune_end_to_end(tiny_models, qa_file, tmp_path, kind):
     assert len(train_lines) == 32  # 36 rows - 4 held out = 32 = 8 steps of 4, for 4 epochs
     for key in ("step", "loss", "lr", "tokens_per_s", "elapsed_s", "eta_s"):
         assert key in train_lines[-1]
+    assert 0.1 < train_lines[-1]["peak_mem_gib"] < 64  # this process's peak RSS on a CPU
+    assert train_lines[-1]["mfu"] is None  # no known peak FLOP/s for a CPU: left out, not guessed
     before = AutoModelForCausalLM.from_pretrained(tiny_models[kind])
     after = AutoModelForCausalLM.from_pretrained(run.path / "final")
     changed = [

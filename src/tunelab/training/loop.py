@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,19 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak memory so far: CUDA tensors on a GPU; on a CPU the process's peak resident set (model,
+    optimizer, activations and the Python runtime; Linux/macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
 def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -262,9 +276,7 @@ def _train(
                 "elapsed_s": elapsed,
                 "eta_s": elapsed / (done - start_step) * (total_steps - done),
                 "mfu": flops_per_token * tokens_per_s / peak if peak else None,
-                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
-                if device.type == "cuda"
-                else None,
+                "peak_mem_gib": peak_memory_gib(device),
             }
             log.log(record)
             window_tokens, window_time = 0, 0.0
