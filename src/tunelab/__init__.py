@@ -5,9 +5,15 @@ run = tunelab.train(model="EleutherAI/pythia-70m", data="qa.jsonl")
 run.generate("What is the capital of Mexico?")
 """
 
-from tunelab.api import Run, load, pretrain, train
-from tunelab.config import RunConfig, load_config
-from tunelab.errors import ConfigError, DataError, ModelLoadError, TunelabError
+import logging
+
+# transformers imports peft, which imports bitsandbytes when installed; on a CPU bitsandbytes then
+# warns that an optional inference-kernel package is missing. Nothing a tunelab user can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from tunelab.api import Run, load, pretrain, train  # noqa: E402
+from tunelab.config import RunConfig, load_config  # noqa: E402
+from tunelab.errors import ConfigError, DataError, ModelLoadError, TunelabError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

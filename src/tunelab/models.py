@@ -221,9 +221,8 @@ def apply_lora(
     modules_to_save: list[str],
 ) -> Any:
     """Wrap with a PEFT LoRA/DoRA adapter; only the adapter (and `modules_to_save`) trains."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     _quiet_hf()
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
