@@ -62,6 +62,7 @@ def test_switched_only_while_training_and_not_saved(llama_dir, tmp_path, monkeyp
 def test_misuse_says_what_to_do(llama_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     with attention.packed(model):
+        assert attention.describe(model) == "per-example, padded causal SDPA"  # on a CPU
         with pytest.raises(TunelabError, match="without a packed row") as e:
             model(torch.tensor([[5, 6, 7]]))
     assert "set_attn_implementation('sdpa')" in e.value.hint
@@ -72,6 +73,7 @@ def test_not_switched_where_unsupported(llama_dir):
     eager = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
     with attention.packed(eager) as varlen:
         assert not varlen and eager.config._attn_implementation == "eager"
+        assert attention.describe(eager) == "eager with a block-diagonal mask"
     assert json.loads((llama_dir / "config.json").read_text())["model_type"] == "llama"
 
 

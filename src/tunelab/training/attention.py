@@ -199,6 +199,18 @@ def enable(model: Any) -> Callable[[], None] | None:
     return lambda: base.set_attn_implementation(before)
 
 
+def describe(model: Any) -> str:
+    """How packed rows reach attention, for the run's first log line."""
+    impl = str(getattr(_config(model)[1], "_attn_implementation", ""))
+    if impl == NAME:
+        param = next(model.parameters())
+        fast = param.is_cuda and param.dtype in (torch.float16, torch.bfloat16) and _varlen_kernel()
+        return "per-example, " + ("torch varlen flash kernel" if fast else "padded causal SDPA")
+    if impl.startswith("flash"):
+        return f"per-example, {impl} varlen"
+    return f"{impl or 'default'} with a block-diagonal mask"
+
+
 @contextmanager
 def packed(model: Any, enabled: bool = True) -> Iterator[bool]:
     """Per-example packed attention for the block (where supported); yields whether the model now

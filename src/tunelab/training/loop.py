@@ -170,7 +170,8 @@ def _train(
     where = f"{dist.world_size} x {device} ({dist.mode})" if dist.world_size > 1 else str(device)
     log.print(
         f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {where}; "
-        f"{len(train_examples):,} examples, {steps_per_epoch} steps/epoch, {total_steps} steps"
+        f"{len(train_examples):,} examples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
+        f"attention {attention.describe(model)}, compile {'on' if compiled else 'off'}"
     )
 
     start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
