@@ -2,11 +2,8 @@
 # tunelab's SFT speed beside the peers (BENCH.md) on the GPU machine, every line to $OUT.
 # NOT YET RUN: written in sessions without a GPU, for the first session that has one.
 #
-# Here, before the calls:
-#   echo /.peers/ >> .git/info/exclude; cp -r ../shared/bench .peers
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .peers/whl \
-#       trl datasets dill multiprocess liger-kernel rich pyyaml bitsandbytes
+# Here, before the calls (on the development machine, not the GPU one):
+#   bash bench/gpu.sh stage      # .peers/ = ../shared/bench + the wheels the GPU image lacks
 # Then one device call per part (each fits the 10-minute limit; the machine stays warm between them):
 #   run(command="bash bench/gpu.sh qwen0.5b", carry=[".peers"])
 #   run(command="bash bench/gpu.sh llama1b", carry=[".peers"])
@@ -16,7 +13,17 @@
 # DRY=1 bash bench/gpu.sh qwen0.5b|tests  runs the same commands on a CPU machine with the world model
 # for a few steps, to check the plumbing before GPU time is spent on it.
 set -u
-part=${1:?usage: bash bench/gpu.sh qwen0.5b|llama1b|peers|tests}
+part=${1:?usage: bash bench/gpu.sh stage|qwen0.5b|llama1b|peers|tests}
+if [ "$part" = stage ]; then
+  grep -qx '/.peers/' .git/info/exclude || echo /.peers/ >> .git/info/exclude
+  rm -rf .peers && cp -r ../shared/bench .peers
+  # Python 3.12 wheels for the GPU image (BENCH.md's list, plus bitsandbytes for the QLoRA test).
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
+    -d .peers/whl trl datasets dill multiprocess liger-kernel bitsandbytes
+  ls .peers/whl; du -sh .peers
+  exit
+fi
 out=${OUT:-/tmp/tunelab-bench}
 mkdir -p "$out"
 dry=${DRY:-}
@@ -24,8 +31,7 @@ if [ -n "$dry" ]; then shape=(--model world --batch 16 --steps 10); else
   shape=(--model "$part" --batch 44 --micro-batch-tokens 16384)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 fi
-# The image has torch/transformers/peft/accelerate; add what tunelab needs beyond them, offline.
-python3 -m pip install -q --no-index --no-deps --find-links .peers/whl rich pyyaml 2>/dev/null
+# The image has torch, transformers, peft, accelerate, rich, pyyaml: tunelab runs from src/ as it is.
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 res="$out/gpu.jsonl"
 case "$part" in
