@@ -58,6 +58,17 @@ def test_switched_only_while_training_and_not_saved(llama_dir, tmp_path, monkeyp
     model.save_pretrained(tmp_path / "saved")
     assert attention.NAME not in (tmp_path / "saved" / "config.json").read_text()
 
+    # a run that dies gives the model its attention back too
+    from tunelab.training import loop
+
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-step")
+
+    monkeypatch.setattr(loop, "loss_sum", boom)
+    with pytest.raises(RuntimeError, match="killed mid-step"):
+        train(model, None, exs, [], cfg, tmp_path / "run", quiet=True, save=False)
+    assert model.config._attn_implementation == "sdpa"
+
 
 def test_misuse_says_what_to_do(llama_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)

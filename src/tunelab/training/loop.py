@@ -118,14 +118,9 @@ def evaluate(
     return total / max(count, 1)
 
 
-def train(model: Any, *args: Any, **kwargs: Any) -> TrainResult:
-    """Train `model` in place (arguments: `_train`). An SDPA model runs tunelab's per-example packed
-    attention while it trains (training/attention.py) and gets its own attention back afterwards."""
-    with attention.packed(model):
-        return _train(model, *args, **kwargs)
-
-
-def _train(
+# An SDPA model trains on per-example packed attention and gets its own back afterwards.
+@attention.while_training
+def train(
     model: Any,
     tokenizer: Any,
     train_examples: list[Encoded],
