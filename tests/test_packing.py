@@ -137,3 +137,24 @@ def test_chunked_head_loss_and_grads_equal_direct(tiny_models, kind, layout):
             n,
             float((p.grad - grads[n]).abs().max()),
         )
+
+
+def test_chunked_head_under_compile_runs_a_compiled_decoder(llama_dir):
+    """The loop compiles the whole model; the chunked head (large vocabularies) calls the decoder
+    directly, so it must get a compiled decoder too, with the same loss and gradients."""
+    from tunelab.training import loss as loss_module
+
+    model = load(llama_dir)
+    batch = pack(examples(7, seed=4), "packed-attention")
+    eager = loss_module.chunked_loss_sum(model, batch, chunk=5)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, dynamic=True)
+    fast = loss_module.chunked_loss_sum(compiled, batch, chunk=5)
+    fast.backward()
+    decoder = model.get_decoder()
+    assert decoder in loss_module._compiled_decoders  # the decoder ran compiled
+    assert float(fast.detach()) == pytest.approx(float(eager.detach()), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)

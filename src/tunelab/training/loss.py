@@ -11,6 +11,7 @@ recomputed in the backward pass, so at most one chunk of fp32 logits is alive at
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -39,17 +40,29 @@ LOGITS_BUDGET = 2**25
 CHUNK_POSITIONS = 2048
 
 
+# The loop compiles the whole model; the chunked path calls its decoder directly, so that decoder is
+# compiled too (once per model, on first use) or a compiled run would train its decoder eagerly.
+_compiled_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _head_parts(model: Any) -> tuple[Any, Any] | None:
     """The decoder stack and the output head, when the head is a plain projection we may apply
     ourselves (not for models that scale or soft-cap their logits)."""
+    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper around the model
+    model = model._orig_mod if compiled else model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     try:
-        return base.get_decoder(), base.get_output_embeddings()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
+    if compiled:
+        if decoder not in _compiled_decoders:
+            _compiled_decoders[decoder] = torch.compile(decoder, dynamic=True)
+        decoder = _compiled_decoders[decoder]
+    return decoder, head
 
 
 def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
