@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import build_model
@@ -199,3 +201,31 @@ def test_cuda_per_example_loss_matches_unpacked_bf16(tiny_models, kind):
             fast = per_example_loss(model, pack(exs, "packed-attention").to("cuda"))
     assert attention._cuda_kernel.get("fn") is not None  # the varlen kernel ran, no fallback
     assert fast == pytest.approx(plain, rel=1e-2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=7),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    window=st.one_of(st.none(), st.integers(1, 10)),
+)
+def test_padded_path_equals_each_sequence_alone(lengths, kv_heads, window):
+    """Any mix of lengths (1-token sequences too), GQA ratios and windows: the padded path gives each
+    sequence exactly what SDPA gives it alone."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(len(lengths))
+    total = sum(lengths)
+    q = torch.randn(1, 4, total, 8)
+    k, v = torch.randn(1, kv_heads, total, 8), torch.randn(1, kv_heads, total, 8)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = attention._padded(q, k, v, cu, max(lengths), 0.0, None, window)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        i = torch.arange(b - a)
+        mask = i[None, :] <= i[:, None]
+        if window is not None:
+            mask &= i[:, None] - i[None, :] < window
+        alone = F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=mask, enable_gqa=kv_heads != 4
+        )
+        torch.testing.assert_close(out[0, a:b], alone[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
