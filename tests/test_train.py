@@ -115,6 +115,9 @@ def test_bad_input_stops_before_the_model_loads(monkeypatch, llama_dir, tmp_path
         (["--data.max_length=4096"], "at most 512 tokens"),
         (["--data.template=alpaca"], "no such field"),
     ]
+    if not torch.cuda.is_available():  # attention backends that cannot train on a CPU say so first
+        for attn, message in (("flex_attention", "has no CPU backward"), ("flash_attention_2", "needs")):
+            cases.append(([f"--model.attn_implementation={attn}", "--data.check=off"], message))
     for extra, message in cases:
         args = ["train", "--model", str(llama_dir), "--data", str(good), "--out", str(tmp_path / "r"), *extra]
         assert main(args) == 2

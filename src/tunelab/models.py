@@ -87,6 +87,34 @@ def _load_error(name: str, err: Exception) -> ModelLoadError:
     )
 
 
+# attn_implementation -> the module it needs (transformers raises a bare ImportError deep in loading).
+_ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+_AUTO_HINT = (
+    "leave model.attn_implementation at auto: SDPA, trained with tunelab's per-example packed attention"
+)
+
+
+def check_attention(attn_implementation: str, device: torch.device) -> None:
+    """Refuse, before a run directory or weights exist, attention backends that cannot train here."""
+    import importlib.util
+
+    package = _ATTENTION_PACKAGES.get(attn_implementation)
+    if package and importlib.util.find_spec(package) is None:
+        raise ModelLoadError(
+            f"model.attn_implementation '{attn_implementation}' needs the '{package}' package, which is not installed",
+            f"install it (it needs a CUDA GPU), or {_AUTO_HINT}",
+        )
+    if package and device.type != "cuda":
+        raise ModelLoadError(
+            f"model.attn_implementation '{attn_implementation}' needs a CUDA GPU", _AUTO_HINT
+        )
+    if attn_implementation == "flex_attention" and device.type == "cpu":
+        raise ModelLoadError(
+            "model.attn_implementation 'flex_attention' cannot train on a CPU (torch's FlexAttention has no CPU backward)",
+            _AUTO_HINT,
+        )
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -173,6 +201,8 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise _load_error(src.model, e) from None
+    except ImportError as e:  # e.g. an attention backend or quantization package that is missing
+        raise ModelLoadError(f"cannot load '{src.model}': {e}", "install the package it names") from None
     if src.adapter:
         from peft import PeftModel
 

@@ -17,6 +17,7 @@ from tunelab.data.formats import write_rejects
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.models import (
     apply_lora,
+    check_attention,
     load_model,
     load_tokenizer,
     pick_device,
@@ -181,6 +182,7 @@ def run(
     method = cfg.train.method
     device = pick_device(cfg.model.device)
     quantization = quantization_config(method, device)  # QLoRA without a GPU stops before a run dir exists
+    check_attention(cfg.model.attn_implementation, device)
     if resume is None:  # rank 0 names it (the default name has a timestamp) and creates it
         run_dir = distributed.broadcast_path(make_run_dir(cfg, overwrite) if dist.is_main else None, dist)
     if rejects and dist.is_main:
