@@ -34,7 +34,9 @@ from tunelab.errors import TunelabError
 
 NAME = "tunelab_varlen"
 _log = logging.getLogger(__name__)
-_cuda_kernel: dict[str, Any] = {}  # "fn" -> varlen_attn (or None once it failed), "causal" -> kwargs
+# "fn": varlen_attn (None when absent or once it failed); "causal": the kwargs that make it causal;
+# "gqa": whether it takes fewer k/v heads than query heads itself.
+_cuda_kernel: dict[str, Any] = {}
 
 
 def _varlen_kernel() -> tuple[Any, dict[str, Any]] | None:
@@ -182,9 +184,13 @@ def supported(model: Any) -> bool:
     )
 
 
+def _implementation(model: Any) -> str:
+    return str(getattr(_config(model)[1], "_attn_implementation", "") or "")
+
+
 def is_varlen(model: Any) -> bool:
     """Does this model take a packed row with no mask (flash kernels, or tunelab's packed attention)?"""
-    impl = str(getattr(_config(model)[1], "_attn_implementation", ""))
+    impl = _implementation(model)
     return impl.startswith("flash") or impl == NAME
 
 
@@ -202,10 +208,9 @@ def enable(model: Any) -> Callable[[], None] | None:
 
 def describe(model: Any) -> str:
     """How packed rows reach attention, for the run's first log line."""
-    impl = str(getattr(_config(model)[1], "_attn_implementation", ""))
+    impl = _implementation(model)
     if impl == NAME:
-        param = next(model.parameters())
-        fast = param.is_cuda and param.dtype in (torch.float16, torch.bfloat16) and _varlen_kernel()
+        fast = _kernel_applies(next(model.parameters()), 0.0) and _varlen_kernel() is not None
         return "per-example, " + ("torch varlen flash kernel" if fast else "padded causal SDPA")
     if impl.startswith("flash"):
         return f"per-example, {impl} varlen"
@@ -213,10 +218,10 @@ def describe(model: Any) -> str:
 
 
 @contextmanager
-def packed(model: Any, enabled: bool = True) -> Iterator[bool]:
+def packed(model: Any) -> Iterator[bool]:
     """Per-example packed attention for the block (where supported); yields whether the model now
     takes one packed row with boundaries (True for flash models too)."""
-    restore = enable(model) if enabled else None
+    restore = enable(model)
     try:
         yield is_varlen(model)
     finally:
