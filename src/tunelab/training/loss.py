@@ -11,7 +11,6 @@ recomputed in the backward pass, so at most one chunk of fp32 logits is alive at
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -40,16 +39,11 @@ LOGITS_BUDGET = 2**25
 CHUNK_POSITIONS = 2048
 
 
-# The loop compiles the whole model; the chunked path calls its decoder directly, so that decoder is
-# compiled too (once per model, on first use) or a compiled run would train its decoder eagerly.
-_compiled_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _head_parts(model: Any) -> tuple[Any, Any] | None:
     """The decoder stack and the output head, when the head is a plain projection we may apply
     ourselves (not for models that scale or soft-cap their logits)."""
-    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper around the model
-    model = model._orig_mod if compiled else model
+    wrapper = model if hasattr(model, "_orig_mod") else None  # torch.compile's wrapper around the model
+    model = model._orig_mod if wrapper is not None else model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
@@ -58,10 +52,13 @@ def _head_parts(model: Any) -> tuple[Any, Any] | None:
         decoder, head = base.get_decoder(), base.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    if compiled:
-        if decoder not in _compiled_decoders:
-            _compiled_decoders[decoder] = torch.compile(decoder, dynamic=True)
-        decoder = _compiled_decoders[decoder]
+    if wrapper is not None:
+        # The loop compiled the whole model, but this path calls the decoder directly: compile it too
+        # (once, kept on the wrapper, so it lives as long as the loop's compiled model), or a compiled
+        # run would train its decoder eagerly.
+        if "_tunelab_decoder" not in wrapper.__dict__:
+            object.__setattr__(wrapper, "_tunelab_decoder", torch.compile(decoder, dynamic=True))
+        decoder = wrapper.__dict__["_tunelab_decoder"]
     return decoder, head
 
 
