@@ -223,8 +223,10 @@ def pick_shots(pool: list[Example], k: int, seed: int, test: list[Example]) -> l
 def held_out_loss(
     model: Any, tokenizer: Any, segs: list[list[Segment]], chat: bool, micro_batch_tokens: int
 ) -> float:
-    """Mean loss per answer token with the training loop's own `evaluate`."""
+    """Mean loss per answer token with the training loop's own `evaluate` (and its per-example
+    packed attention, so the number is computed exactly as training's eval loss)."""
     from tunelab.data.tokenize import encode
+    from tunelab.training import attention
     from tunelab.training.loop import evaluate
 
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -232,7 +234,8 @@ def held_out_loss(
     encoded = [encode(s, tokenizer, limit, "left", add_eos=not chat, add_prefix=not chat) for s in segs]
     device = next(model.parameters()).device
     longest = max((len(e.input_ids) for e in encoded), default=1)
-    return evaluate(model, encoded, max(micro_batch_tokens, longest), device)
+    with attention.packed(model):
+        return evaluate(model, encoded, max(micro_batch_tokens, longest), device)
 
 
 def _generate(
