@@ -54,23 +54,29 @@ class PackedBatch:
         }
 
 
+def _first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Positions 0..len(sizes)-1 into bins of `capacity`, each into the first bin it fits, in the
+    order given (callers sort largest first: first-fit-decreasing)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(sizes):
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
 def _rows(examples: list[Encoded], capacity: int | None) -> list[list[Encoded]]:
     """First-fit-decreasing into rows of `capacity` tokens (None: everything in one row)."""
     if capacity is None:
         return [examples]
-    rows: list[list[Encoded]] = []
-    room: list[int] = []
-    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
-        n = len(ex.input_ids)
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(ex)
-                room[r] -= n
-                break
-        else:
-            rows.append([ex])
-            room.append(capacity - n)
-    return rows
+    ordered = sorted(examples, key=lambda e: -len(e.input_ids))
+    return [[ordered[i] for i in row] for row in _first_fit([len(e.input_ids) for e in ordered], capacity)]
 
 
 # Up to this many tokens a micro-batch stays one row even with dense-mask attention: the mask and the
@@ -147,19 +153,8 @@ def plan_epoch(
     steps = []
     for start in range(0, len(order), batch_size):
         chosen = sorted(order[start : start + batch_size], key=lambda i: -lengths[i])
-        bins: list[list[int]] = []
-        room: list[int] = []
-        for i in chosen:
-            n = min(lengths[i], micro_batch_tokens)
-            for b, free in enumerate(room):
-                if n <= free:
-                    bins[b].append(i)
-                    room[b] -= n
-                    break
-            else:
-                bins.append([i])
-                room.append(micro_batch_tokens - n)
-        steps.append(bins)
+        sizes = [min(lengths[i], micro_batch_tokens) for i in chosen]
+        steps.append([[chosen[j] for j in mb] for mb in _first_fit(sizes, micro_batch_tokens)])
     return steps
 
 
