@@ -4,16 +4,18 @@
 #
 # Here, before the calls (on the development machine, not the GPU one):
 #   bash bench/gpu.sh stage      # .peers/ = ../shared/bench + the wheels the GPU image lacks
-# Then one device call per part (each fits the 10-minute limit; the machine stays warm between them):
-#   run(command="bash bench/gpu.sh qwen0.5b", carry=[".peers"])
+# Then one device call per part, in this order (each fits the 10-minute limit; the machine stays warm
+# between calls; the session's 30 device minutes cover the first four):
+#   run(command="bash bench/gpu.sh qwen0.5b", carry=[".peers"])  # full + LoRA (compiled), full with checkpointing
 #   run(command="bash bench/gpu.sh llama1b", carry=[".peers"])
-#   run(command="bash bench/gpu.sh peers", carry=[".peers"])    # TRL + Liger, both shapes
-#   run(command="bash bench/gpu.sh tests", carry=[".peers"])    # QLoRA, varlen kernel: CUDA-only tests
+#   run(command="bash bench/gpu.sh peers", carry=[".peers"])     # TRL + Liger, both shapes
+#   run(command="bash bench/gpu.sh tests", carry=[".peers"])     # QLoRA, varlen kernel: CUDA-only tests
+#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: eager, dense mask, flex
 #
 # DRY=1 bash bench/gpu.sh qwen0.5b|tests  runs the same commands on a CPU machine with the world model
 # for a few steps, to check the plumbing before GPU time is spent on it.
 set -u
-part=${1:?usage: bash bench/gpu.sh stage|qwen0.5b|llama1b|peers|tests}
+part=${1:?usage: bash bench/gpu.sh stage|qwen0.5b|llama1b|peers|tests|ablations}
 if [ "$part" = stage ]; then
   grep -qx '/.peers/' .git/info/exclude || echo /.peers/ >> .git/info/exclude
   rm -rf .peers && cp -r ../shared/bench .peers
@@ -27,21 +29,28 @@ fi
 out=${OUT:-/tmp/tunelab-bench}
 mkdir -p "$out"
 dry=${DRY:-}
-if [ -n "$dry" ]; then shape=(--model world --batch 16 --steps 10); else
-  shape=(--model "$part" --batch 44 --micro-batch-tokens 16384)
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-fi
+# ~16k real tokens per optimizer step, like the peers (44 examples x 368 tokens).
+shape() { if [ -n "$dry" ]; then echo --model world --batch 16 --steps 10; else
+  echo --model "$1" --batch 44 --micro-batch-tokens 16384; fi; }
+[ -n "$dry" ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 # The image has torch, transformers, peft, accelerate, rich, pyyaml: tunelab runs from src/ as it is.
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 res="$out/gpu.jsonl"
 case "$part" in
   qwen0.5b|llama1b)
-    # ~16k real tokens per optimizer step, like the peers (44 examples x 368 tokens). Defaults first
-    # (compile on CUDA, packed varlen attention), then each choice changed alone.
-    variants=("" "--compile false" "--attention mask" "--gradient-checkpointing" "--method lora")
-    [ -n "$dry" ] || variants+=("--attn flex_attention --attention mask")  # flex has no CPU backward
-    for extra in "${variants[@]}"; do
-      timeout 150 python3 bench/sft_speed.py "${shape[@]}" $extra --results "$res" 2>&1 | tail -2
+    # Defaults (compile on CUDA, packed varlen attention): full and LoRA; then full with activation
+    # checkpointing, the like-for-like memory comparison with TRL's default.
+    timeout 300 python3 bench/sft_speed.py $(shape "$part") --results "$res" 2>&1 | tail -2
+    timeout 200 python3 bench/sft_speed.py $(shape "$part") --method full --gradient-checkpointing \
+      --results "$res" 2>&1 | tail -1 ;;
+  ablations)
+    # Each choice changed alone, full finetune, both shapes: eager, the dense-mask path, flex attention.
+    for model in qwen0.5b llama1b; do
+      variants=("--compile false" "--attention mask")
+      [ -n "$dry" ] || variants+=("--attn flex_attention --attention mask")  # flex has no CPU backward
+      for extra in "${variants[@]}"; do
+        timeout 120 python3 bench/sft_speed.py $(shape "$model") --method full $extra --results "$res" 2>&1 | tail -1
+      done
     done ;;
   peers)
     OUT="$out" STEPS=40 bash .peers/run_peers.sh .peers/whl "trl_pack_liger qwen0.5b" "trl_pack_liger llama1b" \

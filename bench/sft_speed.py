@@ -1,8 +1,10 @@
 """SFT training speed on BENCH.md's workload: tunelab's loop, and the peers side by side.
 
     python bench/sft_speed.py --model world --batch 16 --peers ../shared/bench   # CPU, 2 cores
-    python bench/sft_speed.py --model qwen0.5b --method lora                     # GPU
+    python bench/sft_speed.py --model qwen0.5b --batch 44                        # GPU (bench/gpu.sh)
 
+Full finetune and LoRA r=16 by default (`--method full|lora|full,lora`); each line reports real
+tokens/s, MFU (GPU) and peak memory (CUDA allocations on a GPU, the process's peak RSS on a CPU).
 Random-weight models with the shapes of real small LLMs (speed does not depend on the values) and
 synthetic SFT examples with the peers' length distribution (same generator, same seed), loss on the
 response only. The figure is real (non-pad) tokens per second over steps 9-40, as the peers measure.
@@ -101,9 +103,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         "real_tokens_per_step": round(tokens / len(steps)),
         "real_tokens_per_s": round(tps),
         "mfu_6N_vs_989T": round(6 * total * tps / 989e12, 3) if device.type == "cuda" else None,
-        "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if device.type == "cuda"
-        else None,
+        # What the loop logs: CUDA allocations on a GPU, the process's peak RSS on a CPU.
+        "peak_mem_GiB": round(max(r["peak_mem_gib"] for r in steps), 2),
         "mean_example_tokens": round(sum(len(e.input_ids) for e in examples) / len(examples), 1),
     }
 
@@ -128,7 +129,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="examples per optimizer step")
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument(
+        "--method", default="full,lora", help="full, lora (r=16, all linear layers) or both, comma-separated"
+    )
     p.add_argument("--attn", default="sdpa")
     p.add_argument(
         "--compile",
@@ -156,15 +159,21 @@ def main() -> None:
     if args.only_tunelab:
         print("RESULT " + json.dumps(run_tunelab(args)), flush=True)
         return
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods or set(methods) - {"full", "lora"}:
+        p.error(f"--method: expected full, lora or full,lora, got {args.method!r}")
     rows = []
-    cmd = [sys.executable, __file__, "--only-tunelab", "--model", args.model, "--batch", str(args.batch),
-           "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
-           "--method", args.method, "--attn", args.attn, "--compile", args.compile,
-           "--attention", args.attention]  # fmt: skip
-    cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    rows.append(json.loads(line[7:]) if line else {"config": "tunelab", "error": proc.stderr[-800:]})
+    for method in methods:  # each in its own process
+        cmd = [sys.executable, __file__, "--only-tunelab", "--model", args.model, "--batch", str(args.batch),
+               "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
+               "--method", method, "--attn", args.attn, "--compile", args.compile,
+               "--attention", args.attention]  # fmt: skip
+        cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        rows.append(
+            json.loads(line[7:]) if line else {"config": f"tunelab_{method}", "error": proc.stderr[-800:]}
+        )
     if args.peers:
         for conf in args.peer_configs.split(","):
             conf, _, gc = conf.partition(":")  # e.g. trl_nopack:0 = activation checkpointing off
