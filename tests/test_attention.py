@@ -229,3 +229,41 @@ def test_padded_path_equals_each_sequence_alone(lengths, kv_heads, window):
             q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=mask, enable_gqa=kv_heads != 4
         )
         torch.testing.assert_close(out[0, a:b], alone[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
+
+
+# More decoder families than the three every test uses: learned positions (GPT-2, OPT), Gemma's
+# scaled embeddings, sliding windows (Mistral, Gemma 3's mixed layers), Phi-3's fused projections,
+# Qwen3's q/k norms, SmolLM3's layers without rotary.
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)  # fmt: skip
+FAMILIES = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=512),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=512, word_embed_proj_dim=32, pad_token_id=0),
+    "gemma": {**_SMALL, "head_dim": 8},
+    "mistral": {**_SMALL, "sliding_window": 6},
+    "phi3": _SMALL,
+    "qwen3": {**_SMALL, "head_dim": 8},
+    "gemma3_text": {**_SMALL, "head_dim": 8, "sliding_window": 4},
+    "smollm3": _SMALL,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_packed_attention_is_exact_for_more_families(tokenizer, tmp_path, kind):
+    cfg = AutoConfig.for_model(
+        kind, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **FAMILIES[kind],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / kind)
+    exs = examples(9)
+    expected, expected_grads = reference_loss(tmp_path / kind, exs)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / kind, dtype=torch.float32)
+    with attention.packed(model) as varlen:
+        assert varlen and model.config._attn_implementation == attention.NAME
+        packed = loss_sum(model, pack(exs, "packed-attention"))
+        packed.backward()
+    assert float(packed.detach()) == pytest.approx(float(expected), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
