@@ -99,8 +99,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
-    # torch.compile the model: "auto" = on CUDA (fuses norms, rotary and activations), off on CPU
-    # (there its ~40 s warm-up outlasts short runs; it pays off on runs of several minutes).
+    # torch.compile the model: "auto" = on CUDA (fuses norms, rotary and activations) except for
+    # QLoRA's 4-bit layers (untested compiled), off on CPU (its ~40 s warm-up outlasts short runs).
     compile: bool | Literal["auto"] = "auto"
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
     # Under torchrun / accelerate launch (WORLD_SIZE > 1): "auto" = ddp; "fsdp" shards weights,

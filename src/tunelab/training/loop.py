@@ -150,7 +150,10 @@ def train(
     wrapped = distributed.wrap(model, dist)
     # The compiled module shares its parameters with `model`: optimise and save `model`, run `forward`.
     # dynamic=True because packed micro-batches change shape from step to step.
-    compiled = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+    # auto: on CUDA, except over bitsandbytes' 4-bit layers (QLoRA): compiling those is untested here.
+    compiled = cfg.compile is True or (
+        cfg.compile == "auto" and device.type == "cuda" and cfg.method != "qlora"
+    )
     forward = torch.compile(wrapped, dynamic=True) if compiled else wrapped
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
