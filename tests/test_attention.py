@@ -15,7 +15,8 @@ from conftest import build_model
 from test_packing import examples, pack, reference_loss
 from tunelab.errors import TunelabError
 from tunelab.training import attention
-from tunelab.training.loss import loss_sum
+from tunelab.training.loop import fast_paths
+from tunelab.training.loss import LossHead, loss_sum
 
 
 def test_sliding_window_matches_unpacked(tokenizer, tmp_path):
@@ -246,7 +247,11 @@ FAMILIES = {
     "qwen3": {**_SMALL, "head_dim": 8},
     "gemma3_text": {**_SMALL, "head_dim": 8, "sliding_window": 4},
     "smollm3": _SMALL,
+    # These scale their logits after the head, so they keep it (the fused loss head would skip that).
+    "granite": {**_SMALL, "logits_scaling": 4.0},
+    "cohere": {**_SMALL, "logit_scale": 0.5},
 }  # fmt: skip
+KEEP_HEAD = {"granite", "cohere"}
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
@@ -260,8 +265,10 @@ def test_packed_attention_is_exact_for_more_families(tokenizer, tmp_path, kind):
     exs = examples(9)
     expected, expected_grads = reference_loss(tmp_path / kind, exs)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / kind, dtype=torch.float32)
-    with attention.packed(model) as varlen:
+    with fast_paths(model) as varlen:
         assert varlen and model.config._attn_implementation == attention.NAME
+        fused = isinstance(model.get_output_embeddings(), LossHead)
+        assert fused == (kind not in KEEP_HEAD)  # the probe found the models that change logits
         packed = loss_sum(model, pack(exs, "packed-attention"))
         packed.backward()
     assert float(packed.detach()) == pytest.approx(float(expected), rel=1e-5)

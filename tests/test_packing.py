@@ -5,12 +5,14 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from tunelab.data.packing import collate, plan_epoch
 from tunelab.data.tokenize import IGNORE, Encoded
+from tunelab.errors import TunelabError
 from tunelab.training import attention
-from tunelab.training.loss import loss_sum, per_example_loss
+from tunelab.training.loss import LossHead, fused_head, linear_cross_entropy, loss_sum, per_example_loss
 
 # How a packed micro-batch reaches attention: one row through tunelab's per-example packed attention;
 # one row with the block-diagonal mask transformers builds for SDPA; rows padded to the longest.
@@ -119,42 +121,130 @@ def test_plan_epoch_keeps_every_example_and_budget():
 
 @pytest.mark.parametrize("kind", ["llama", "gpt_neox", "qwen2"])
 @pytest.mark.parametrize("layout", ["packed-attention", "rows"])
-def test_chunked_head_loss_and_grads_equal_direct(tiny_models, kind, layout):
-    """The chunked output head (for large vocabularies) gives the same loss and gradients in fp32."""
-    from tunelab.training.loss import chunked_loss_sum
-
+@pytest.mark.parametrize("chunk", [5, 10**6])
+def test_fused_head_loss_and_grads_equal_direct(tiny_models, kind, layout, chunk):
+    """The fused output head (gradients computed in the forward, a chunk of positions at a time)
+    gives the loss and the gradients of the plain head + cross-entropy, in fp32; in several chunks
+    and in one."""
     model = load(tiny_models[kind], layout)
     batch = pack(examples(7, seed=4), layout)
     direct = loss_sum(model, batch)
     direct.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    chunked = chunked_loss_sum(model, batch, chunk=5)
-    chunked.backward()
-    assert float(chunked.detach()) == pytest.approx(float(direct.detach()), rel=1e-6)
+    with fused_head(model) as fused:
+        assert fused and isinstance(model.get_output_embeddings(), LossHead)
+        model.get_output_embeddings().chunk = chunk
+        loss = loss_sum(model, batch)
+        (loss * 3.0).backward()  # the gradient that reaches the head is scaled like the loop's
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # given back
+    assert float(loss.detach()) == pytest.approx(float(direct.detach()), rel=1e-6)
     for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-6), (
-            n,
-            float((p.grad - grads[n]).abs().max()),
+        torch.testing.assert_close(p.grad, 3.0 * grads[n], rtol=1e-4, atol=2e-5, msg=n)
+
+
+def test_fused_head_matches_the_plain_loss_with_bias_frozen_weights_and_no_grad():
+    """linear_cross_entropy against F.linear + cross_entropy in fp64: with a bias, with IGNORE
+    targets, with only some inputs needing gradients, and under no_grad (evaluation)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 13, 8, dtype=torch.float64)
+    weight = torch.randn(50, 8, dtype=torch.float64)
+    bias = torch.randn(50, dtype=torch.float64)
+    targets = torch.randint(0, 50, (2, 13))
+    targets[0, :4] = IGNORE
+    targets[1, 9:] = IGNORE
+    for needs in [(True, True, True), (True, False, False), (False, True, False)]:
+        leaves = [x.clone().requires_grad_(r) for x, r in zip((hidden, weight, bias), needs)]
+        expected = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(leaves[0], leaves[1], leaves[2]).flatten(0, 1),
+            targets.flatten(),
+            ignore_index=IGNORE,
+            reduction="sum",
         )
+        expected_grads = torch.autograd.grad(expected * 0.5, [x for x in leaves if x.requires_grad])
+        got = linear_cross_entropy(*leaves, targets, chunk=4)
+        got_grads = torch.autograd.grad(got * 0.5, [x for x in leaves if x.requires_grad])
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        for g, e in zip(got_grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        plain = linear_cross_entropy(hidden, weight, bias, targets, chunk=4)
+    assert not plain.requires_grad and float(plain) == pytest.approx(float(expected.detach()), rel=1e-12)
 
 
-def test_chunked_head_under_compile_runs_a_compiled_decoder(llama_dir):
-    """The loop compiles the whole model; the chunked head (large vocabularies) calls the decoder
-    directly, so it must get a compiled decoder too, with the same loss and gradients."""
-    from tunelab.training import loss as loss_module
-
+def test_fused_head_under_compile_equals_eager(llama_dir):
+    """The loop compiles the whole model: the fused head runs inside it (left out of the graph), with
+    the same loss and gradients as eager."""
     model = load(llama_dir)
     batch = pack(examples(7, seed=4), "packed-attention")
-    eager = loss_module.chunked_loss_sum(model, batch, chunk=5)
-    eager.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    compiled = torch.compile(model, dynamic=True)
-    fast = loss_module.chunked_loss_sum(compiled, batch, chunk=5)
-    fast.backward()
-    assert compiled._tunelab_decoder._orig_mod is model.get_decoder()  # the decoder ran compiled
-    assert "_tunelab_decoder" not in dict(compiled.named_modules())  # not registered as a submodule
+    with fused_head(model):
+        model.get_output_embeddings().chunk = 5
+        eager = loss_sum(model, batch)
+        eager.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        compiled = torch.compile(model, dynamic=True)
+        fast = loss_sum(compiled, batch)
+        fast.backward()
     assert float(fast.detach()) == pytest.approx(float(eager.detach()), rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_logits_are_refused_while_the_head_computes_the_loss(llama_dir):
+    model = load(llama_dir, "sdpa-mask")
+    with fused_head(model):
+        with pytest.raises(TunelabError, match="computes the training loss"):
+            per_example_loss(model, pack(examples(2), "sdpa-mask"))
+        with pytest.raises(TunelabError, match="gives no logits"):
+            model(torch.tensor([[3, 4, 5]]))
+
+
+class _WouldWait(TorchDispatchMode):
+    """Records the ops that make the host wait for a GPU: reading a value back, or a result whose
+    size depends on the data (boolean-mask indexing, nonzero, repeat_interleave without its size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        for a in args:
+            if isinstance(a, (list, tuple)):
+                tensors += [x for x in a if isinstance(x, torch.Tensor)]
+        if (
+            any(
+                k in name for k in ("nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "unique")
+            )
+            or (
+                "repeat_interleave" in name
+                and kwargs.get("output_size", args[2] if len(args) > 2 else None) is None
+            )
+            or (
+                name.startswith(("aten.index.", "aten.index_put"))
+                and any(t.dtype == torch.bool for t in tensors[1:])
+            )
+        ):
+            self.found.add(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "qwen2"])
+def test_a_training_pass_never_makes_the_host_wait(tiny_models, kind):
+    """Forward and backward of a packed micro-batch (per-example attention, fused head) use no op
+    that would make the host wait for a GPU, so the host can queue the next work while it computes.
+    The checker itself is checked: the old on-device mask would have been caught."""
+    from tunelab.training.loop import fast_paths
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32)
+    batch = pack(examples(7, seed=4), "packed-attention")
+    with fast_paths(model), _WouldWait() as seen:
+        loss_sum(model, batch).backward()
+    assert seen.found == set()
+    with _WouldWait() as seen:
+        (batch.targets != IGNORE).any(0).nonzero()
+        batch.input_ids[batch.targets != IGNORE]
+    assert seen.found == {"aten.nonzero.default", "aten.index.Tensor"}

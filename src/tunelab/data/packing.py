@@ -29,6 +29,13 @@ class PackedBatch:
     n_targets: int  # tokens that carry loss
     cu_seqlens: torch.Tensor | None = None  # [examples + 1] boundaries in the row (varlen batches only)
     max_len: int = 0  # the longest example (varlen batches only)
+    # Positions where some row has a target. Worked out here, on the host, when the batch is built:
+    # the same on the GPU would make the host wait for it in every micro-batch.
+    keep: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep is None:
+            self.keep = (self.targets != IGNORE).any(0).nonzero().squeeze(-1)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(
@@ -40,6 +47,7 @@ class PackedBatch:
             self.n_targets,
             None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True),
             self.max_len,
+            self.keep.to(device, non_blocking=True),
         )
 
     def attention_kwargs(self) -> dict:

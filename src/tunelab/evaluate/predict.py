@@ -226,15 +226,14 @@ def held_out_loss(
     """Mean loss per answer token with the training loop's own `evaluate` (and its per-example
     packed attention, so the number is computed exactly as training's eval loss)."""
     from tunelab.data.tokenize import encode
-    from tunelab.training import attention
-    from tunelab.training.loop import evaluate
+    from tunelab.training.loop import evaluate, fast_paths
 
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     # Left truncation: a long (few-shot) prompt loses its head, never the answer being scored.
     encoded = [encode(s, tokenizer, limit, "left", add_eos=not chat, add_prefix=not chat) for s in segs]
     device = next(model.parameters()).device
     longest = max((len(e.input_ids) for e in encoded), default=1)
-    with attention.packed(model):
+    with fast_paths(model):
         return evaluate(model, encoded, max(micro_batch_tokens, longest), device)
 
 

@@ -20,7 +20,6 @@ No mask function is registered for the name, so transformers builds no mask at a
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator
@@ -227,14 +226,3 @@ def packed(model: Any) -> Iterator[bool]:
     finally:
         if restore is not None:
             restore()
-
-
-def while_training(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a function whose first argument is the model so that it runs inside `packed`."""
-
-    @functools.wraps(fn)
-    def run(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with packed(model):
-            return fn(model, *args, **kwargs)
-
-    return run

@@ -12,10 +12,13 @@ the ranks, gradients are averaged by DDP or FSDP, and rank 0 alone logs and writ
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,8 @@ from tunelab.models import count_parameters, save_model
 from tunelab.training import attention, checkpoint, distributed
 from tunelab.training.distributed import Dist
 from tunelab.training.logger import MetricsLogger, SilentLogger
-from tunelab.training.loss import loss_sum
+from tunelab.training.loss import describe as describe_loss
+from tunelab.training.loss import fused_head, loss_sum
 
 # Dense bf16 peak, for MFU. MFU is reported on GPUs we know; elsewhere it is left out, not guessed.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -104,22 +108,39 @@ def evaluate(
     Several processes: each rank evaluates its share and every rank returns the same mean."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=device), 0
     varlen = attention.is_varlen(model) if varlen is None else varlen
     plan = plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens)
     batches = [collate([examples[i] for i in mb], varlen) for mb in plan]
     for batch, counts in distributed.deal(batches, dist):
-        loss = float(loss_sum(model, batch.to(device)))
+        loss = loss_sum(model, batch.to(device))
         if counts:
             total += loss
             count += batch.n_targets
-    total, count = distributed.all_sum([total, count], dist)
+    total, count = distributed.all_sum([float(total), count], dist)  # the one wait for the device
     model.train(was_training)
     return total / max(count, 1)
 
 
-# An SDPA model trains on per-example packed attention and gets its own back afterwards.
-@attention.while_training
+@contextmanager
+def fast_paths(model: Any) -> Iterator[bool]:
+    """While tunelab trains or evaluates: the output head computes the loss itself (training/loss.py)
+    and an SDPA model runs per-example packed attention (training/attention.py); both are undone
+    afterwards, also when the block fails. Yields whether the model takes packed rows with boundaries."""
+    with fused_head(model), attention.packed(model) as varlen:
+        yield varlen
+
+
+def _with_fast_paths(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def run(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with fast_paths(model):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+@_with_fast_paths
 def train(
     model: Any,
     tokenizer: Any,
@@ -169,7 +190,7 @@ def train(
     log.print(
         f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {where}; "
         f"{len(train_examples):,} examples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
-        f"attention {attention.describe(model)}, compile {'on' if compiled else 'off'}"
+        f"attention {attention.describe(model)}, {describe_loss(model)}, compile {'on' if compiled else 'off'}"
     )
 
     start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
@@ -222,7 +243,7 @@ def train(
         n_targets = sum(b.n_targets for b in micro_batches)  # the whole step's, known on every rank
         tick = time.perf_counter()
         distributed.fail_for_test(step + 1, dist)
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)  # summed on the device: no wait per micro-batch
         # Several processes: this rank's share of the micro-batches, gradients synced after the last.
         share = distributed.deal(micro_batches, dist)
         for i, (batch, counts) in enumerate(share):
@@ -235,8 +256,9 @@ def train(
                     # DDP/FSDP average gradients over ranks; times world_size, that average is the
                     # step's sum / n_targets, as on one process (where this multiplies by 1, exactly).
                     (loss * dist.world_size).backward()
-            step_loss += float(loss.detach())
-        step_loss = distributed.all_sum([step_loss], dist)[0]  # the step's loss, equal on every rank
+            step_loss += loss.detach()
+        # The step's loss, equal on every rank; the host waits for the device here, once per step.
+        step_loss = distributed.all_sum([float(step_loss)], dist)[0]
         if not math.isfinite(step_loss):
             # This loss came from the weights after `step` updates, so a checkpoint of that step holds
             # the very weights that diverged; the good ones are older.

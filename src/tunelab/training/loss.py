@@ -1,119 +1,235 @@
-"""The loss of a packed batch, computed only where targets are set.
+"""The loss of a packed batch, computed only where targets are set, never as [tokens, vocab] logits.
 
 `logits_to_keep` (a tensor of positions, supported by HF causal LMs in transformers 5) makes the model
-project only the trained positions through the output head: with completion-only SFT most positions
-carry no loss, and the full [tokens, vocab] logits tensor is never built.
+project only the trained positions through its output head: with completion-only SFT most positions
+carry no loss. The positions come with the batch, worked out on the host when it was collated, so
+nothing here waits for the GPU (a boolean mask or `nonzero` on device would, in every micro-batch).
 
-When the kept positions times the vocabulary would still be large (pretraining, long completions,
-150k-token vocabularies), the head and the cross-entropy run in chunks of positions, each chunk
-recomputed in the backward pass, so at most one chunk of fp32 logits is alive at a time.
+While tunelab trains, a model whose head is a plain linear projection (most decoders) gets `LossHead`
+in its place (`fused_head`): fed the hidden states at the trained positions and their targets, it
+returns the summed cross-entropy as the model's "logits". It runs `linear_cross_entropy`: the head and
+the cross-entropy a chunk of positions at a time, with the gradients computed in the same pass (as
+Liger's fused linear cross-entropy does), so at most one chunk of fp32 logits is alive and the head's
+matmul is never recomputed. Because the loss is computed inside the model's own forward, it runs
+wherever that forward runs: compiled, under DDP (gradient hooks) and under FSDP (gathered weights).
+Models that scale or soft-cap their logits after the head (Gemma 2, Cohere, Granite, ...) keep their
+head; a probe forward finds them, and they take the plain path (logits at the trained positions).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.packing import PackedBatch
 from tunelab.data.tokenize import IGNORE
+from tunelab.errors import TunelabError
+from tunelab.training import attention
+
+# fp32 logits alive at once in the fused head: 2**25 values = 128 MiB (256 positions of a 128k vocab).
+LOGITS_BUDGET = 2**25
+MIN_CHUNK = 256
+
+
+def _chunked_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int,
+    grads: tuple[bool, bool, bool] = (False, False, False),
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """sum CE(hidden @ weight.T + bias, targets) over the set targets, and (where `grads` asks) its
+    gradients with respect to hidden, weight and bias. hidden [N, H], targets [N]."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits for bf16/fp16 models
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if grads[0] else None
+    grad_w = torch.zeros_like(weight) if grads[1] else None
+    grad_b = torch.zeros_like(bias) if grads[2] and bias is not None else None
+    for i in range(0, hidden.shape[0], chunk):
+        h, t = hidden[i : i + chunk], targets[i : i + chunk]
+        logits = F.linear(h, weight, bias).to(acc)
+        valid = t != IGNORE
+        t = t.clamp(min=0)[:, None]  # IGNORE -> class 0, masked out below
+        lse = torch.logsumexp(logits, dim=-1)
+        total = total + ((lse - logits.gather(1, t).squeeze(1)) * valid).sum()
+        if not any(grads):
+            continue
+        # d loss / d logits = softmax - one-hot, zero where no target; in place over the logits.
+        g = logits.sub_(lse[:, None]).exp_()
+        g.scatter_add_(1, t, torch.full_like(t, -1, dtype=g.dtype))
+        g = g.mul_(valid[:, None]).to(hidden.dtype)
+        if grad_h is not None:
+            torch.mm(g, weight, out=grad_h[i : i + chunk])
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h)
+        if grad_b is not None:
+            grad_b += g.sum(0)
+    return total, grad_h, grad_w, grad_b
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden, weight, bias, targets, chunk):  # type: ignore[override]
+        total, *grads = _chunked_ce(hidden, weight, bias, targets, chunk, tuple(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+        return *scaled, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """The summed cross-entropy of `hidden @ weight.T + bias` against `targets` (IGNORE = no loss),
+    `chunk` positions at a time; equal to the plain computation, without its [N, vocab] logits."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    return _chunked_ce(hidden, weight, bias, targets, chunk)[0]
+
+
+class LossHead(torch.nn.Module):
+    """Stands in for a model's linear output head while tunelab trains: given the hidden states at the
+    trained positions, and `targets` set by `loss_sum` just before the forward, it returns the summed
+    cross-entropy. Holds the head's own parameters under the same names, so state dicts, weight tying,
+    DDP and FSDP see the model unchanged."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.weight = head.weight
+        self.register_parameter("bias", head.bias)
+        self.chunk = max(MIN_CHUNK, LOGITS_BUDGET // head.weight.shape[0])
+        self.targets: torch.Tensor | None = None
+
+    @torch.compiler.disable  # a Python loop over chunks: compiled, it would recompile per chunk count
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.targets is None:
+            raise TunelabError(
+                "this model's output head computes tunelab's training loss and gives no logits",
+                "call tunelab.training.loss.loss_sum, or use the model after training has finished",
+            )
+        return linear_cross_entropy(hidden, self.weight, self.bias, self.targets, self.chunk)
+
+
+class _Probe(torch.nn.Module):
+    def __init__(self, marker: torch.Tensor):
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.marker
+
+
+def _base(model: Any) -> Any:
+    """The HF model under torch.compile's, DDP's and peft's wrappers (FSDP2 shards in place)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _returns_head_output(base: Any, head: torch.nn.Module) -> bool:
+    """Does the model hand its head's output back as its logits, untouched? One 1-token forward with
+    a probe as the head: models that scale or soft-cap logits after the head return something else."""
+    device = head.weight.device
+    marker = torch.zeros((), device=device)
+    one = torch.zeros((1, 1), dtype=torch.long, device=device)
+    batch = PackedBatch(one, one, one, 1, 1, 0, torch.tensor([0, 1], dtype=torch.int32, device=device), 1)
+    varlen = batch.attention_kwargs() if attention.is_varlen(base) else {}  # a packed row of one token
+    base.set_output_embeddings(_Probe(marker))
+    try:
+        with torch.no_grad():
+            out = base(input_ids=one, position_ids=one, use_cache=False, **varlen)
+        return getattr(out, "logits", None) is marker
+    except Exception:  # noqa: BLE001 - any failure means: keep the model's own head
+        return False
+    finally:
+        base.set_output_embeddings(head)
+
+
+@contextmanager
+def fused_head(model: Any) -> Iterator[bool]:
+    """`LossHead` in place of the model's output head for the block (where the head is a plain linear
+    projection whose output the model returns as is); yields whether it is in place. The model gets
+    its head back afterwards, holding whatever parameters the block left (FSDP shards them)."""
+    base = _base(model)
+    try:
+        head = base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if type(head) is not torch.nn.Linear or not _returns_head_output(base, head):
+        yield False
+        return
+    stand_in = LossHead(head)
+    base.set_output_embeddings(stand_in)
+    try:
+        yield True
+    finally:
+        head.weight = stand_in.weight
+        head.bias = stand_in.bias
+        base.set_output_embeddings(head)
+
+
+def describe(model: Any) -> str:
+    """Where the loss is computed, for the run's first log line."""
+    fused = isinstance(_base(model).get_output_embeddings(), LossHead)
+    return "loss in a fused head" if fused else "loss after the model's own head"
+
+
+def _forward(model: Any, batch: PackedBatch) -> Any:
+    return model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=batch.keep,
+        **batch.attention_kwargs(),
+    )
 
 
 def _logits(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets at the positions where some row has a target: [R, n, V] and [R, n]."""
-    keep = (batch.targets != IGNORE).any(0).nonzero().squeeze(-1)
-    out = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=keep,
-        **batch.attention_kwargs(),
-    )
-    return out.logits.float(), batch.targets[:, keep]
-
-
-# Above this many logits (positions x vocab) the chunked path is used: 2**25 fp32 values = 128 MiB.
-LOGITS_BUDGET = 2**25
-CHUNK_POSITIONS = 2048
-
-
-def _head_parts(model: Any) -> tuple[Any, Any] | None:
-    """The decoder stack and the output head, when the head is a plain projection we may apply
-    ourselves (not for models that scale or soft-cap their logits)."""
-    wrapper = model if hasattr(model, "_orig_mod") else None  # torch.compile's wrapper around the model
-    model = model._orig_mod if wrapper is not None else model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None
-    try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if wrapper is not None:
-        # The loop compiled the whole model, but this path calls the decoder directly: compile it too
-        # (once, kept on the wrapper, so it lives as long as the loop's compiled model), or a compiled
-        # run would train its decoder eagerly.
-        if "_tunelab_decoder" not in wrapper.__dict__:
-            object.__setattr__(wrapper, "_tunelab_decoder", torch.compile(decoder, dynamic=True))
-        decoder = wrapper.__dict__["_tunelab_decoder"]
-    return decoder, head
-
-
-def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
-
-
-def chunked_loss_sum(model: Any, batch: PackedBatch, chunk: int = CHUNK_POSITIONS) -> torch.Tensor | None:
-    """The same sum as `loss_sum`, with the head applied `chunk` positions at a time; None when the
-    model's head cannot be applied separately."""
-    parts = _head_parts(model)
-    if parts is None:
-        return None
-    decoder, head = parts
-    hidden = decoder(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        **batch.attention_kwargs(),
-    ).last_hidden_state
-    mask = batch.targets != IGNORE
-    hidden, targets = hidden[mask], batch.targets[mask]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk):
-        h, t = hidden[i : i + chunk], targets[i : i + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, head, h, t, use_reentrant=False)
-        else:
-            total = total + _chunk_ce(head, h, t)
-    return total
+    if isinstance(_base(model).get_output_embeddings(), LossHead):
+        raise TunelabError(
+            "per-position logits were asked of a model whose head computes the training loss",
+            "leave `fused_head` first",
+        )
+    return _forward(model, batch).logits.float(), batch.targets[:, batch.keep]
 
 
 def loss_sum(model: Any, batch: PackedBatch) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies, so micro-batches add up to the exact step mean."""
     if batch.n_targets == 0:
         return torch.zeros((), device=batch.input_ids.device)
-    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else 0
-    # Not under DDP/FSDP (several processes): calling the decoder and head apart would go around the
-    # wrapped forward, where gradients are hooked for syncing and sharded weights are gathered.
-    if batch.n_targets * vocab > LOGITS_BUDGET and not torch.distributed.is_initialized():
-        chunked = chunked_loss_sum(model, batch)
-        if chunked is not None:
-            return chunked
+    head = _base(model).get_output_embeddings()
+    if isinstance(head, LossHead):
+        head.targets = batch.targets[:, batch.keep]
+        try:
+            return _forward(model, batch).logits  # the head's output: the loss
+        finally:
+            head.targets = None
     logits, targets = _logits(model, batch)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def per_example_loss(model: Any, batch: PackedBatch) -> list[float]:
     """Mean loss of each example in the batch, in row order (for tests and error analysis)."""
-    keep = (batch.targets != IGNORE).any(0).nonzero().squeeze(-1)
     logits, targets = _logits(model, batch)
     losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     starts = (batch.position_ids == 0) & (batch.input_ids >= 0)
     example_of = starts.flatten().cumsum(0).view_as(batch.position_ids) - 1  # example index per token
-    ids = example_of[:, keep]
+    ids = example_of[:, batch.keep]
     valid = targets != IGNORE
     result = []
     for e in range(int(example_of.max()) + 1):
