@@ -248,3 +248,12 @@ def test_a_training_pass_never_makes_the_host_wait(tiny_models, kind):
         (batch.targets != IGNORE).any(0).nonzero()
         batch.input_ids[batch.targets != IGNORE]
     assert seen.found == {"aten.nonzero.default", "aten.index.Tensor"}
+
+
+def test_fused_head_refuses_a_second_backward_rather_than_mis_scale():
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, None, torch.randint(0, 10, (6,)), chunk=4)
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (loss * 2).backward()
