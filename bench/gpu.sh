@@ -10,7 +10,7 @@
 #   run(command="bash bench/gpu.sh llama1b", carry=[".peers"])
 #   run(command="bash bench/gpu.sh peers", carry=[".peers"])     # TRL + Liger, both shapes
 #   run(command="bash bench/gpu.sh tests", carry=[".peers"])     # QLoRA, varlen kernel: CUDA-only tests
-#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: eager, dense mask, flex
+#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: eager, dense mask, plain head, flex
 #
 # DRY=1 bash bench/gpu.sh qwen0.5b|tests  runs the same commands on a CPU machine with the world model
 # for a few steps, to check the plumbing before GPU time is spent on it.
@@ -44,9 +44,10 @@ case "$part" in
     timeout 200 python3 bench/sft_speed.py $(shape "$part") --method full --gradient-checkpointing \
       --results "$res" 2>&1 | tail -1 ;;
   ablations)
-    # Each choice changed alone, full finetune, both shapes: eager, the dense-mask path, flex attention.
+    # Each choice changed alone, full finetune, both shapes: eager, the dense-mask path, the model's
+    # own head (fp32 logits at every trained position), flex attention.
     for model in qwen0.5b llama1b; do
-      variants=("--compile false" "--attention mask")
+      variants=("--compile false" "--attention mask" "--head plain")
       [ -n "$dry" ] || variants+=("--attn flex_attention --attention mask")  # flex has no CPU backward
       for extra in "${variants[@]}"; do
         timeout 120 python3 bench/sft_speed.py $(shape "$model") --method full $extra --results "$res" 2>&1 | tail -1

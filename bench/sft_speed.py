@@ -58,6 +58,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     from tunelab.config import TrainConfig
     from tunelab.models import apply_lora, count_parameters, pick_dtype
     from tunelab.training import attention
+    from tunelab.training import loss as loss_module
     from tunelab.training.loop import train
 
     spec = dict(MODELS[args.model])
@@ -66,6 +67,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
     if args.attention == "mask":
         attention.supported = lambda model: False  # keep transformers' own SDPA + dense mask
+    if args.head == "plain":
+        loss_module._returns_head_output = lambda base, head: False  # keep the model's own head
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
@@ -92,6 +95,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         "config": f"tunelab_{args.method}"
         + ("_compile" if compiled else "")
         + ("_mask" if args.attention == "mask" else "")
+        + ("_plainhead" if args.head == "plain" else "")
         + (f"_{args.attn}" if args.attn != "sdpa" else "")
         + ("_gc" if args.gradient_checkpointing else ""),
         "model": args.model,
@@ -148,6 +152,13 @@ def main() -> None:
         help="packed = tunelab's per-example varlen attention (default); mask = SDPA with the dense "
         "block-diagonal mask transformers builds (the path before it)",
     )
+    p.add_argument(
+        "--head",
+        choices=["fused", "plain"],
+        default="fused",
+        help="fused = the loss computed in a fused output head, a chunk at a time (default); plain = "
+        "the model's own head, fp32 logits at every trained position, then cross-entropy",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--peers", type=Path, help="folder with the peers' peers_gpu.py: run them too, same machine"
@@ -167,7 +178,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only-tunelab", "--model", args.model, "--batch", str(args.batch),
                "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
                "--method", method, "--attn", args.attn, "--compile", args.compile,
-               "--attention", args.attention]  # fmt: skip
+               "--attention", args.attention, "--head", args.head]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
