@@ -274,3 +274,40 @@ def test_packed_attention_is_exact_for_more_families(tokenizer, tmp_path, kind):
     assert float(packed.detach()) == pytest.approx(float(expected), rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_cuda_branch_compiles(llama_dir, monkeypatch):
+    """The CUDA branch under torch.compile (the default on a GPU), checked on CPU with a traceable
+    stand-in for varlen_attn: the same loss and gradients as eager, and no graph break but the fused
+    loss head's (left out of the graph by design)."""
+    import torch._dynamo
+
+    traced = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None, enable_gqa=False):
+        traced.append(window_size)
+        out = attention._padded(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                cu_q, max_q, 0.0, scale, None)  # fmt: skip
+        return out[0]
+
+    exs = examples(9, seed=6)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        monkeypatch.setattr(attention, "_kernel_applies", lambda q, d: True)
+        monkeypatch.setattr(
+            attention, "_cuda_kernel", {"fn": kernel, "causal": {"window_size": (-1, 0)}, "gqa": True}
+        )
+        model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+        with fast_paths(model):
+            forward = torch.compile(model, dynamic=True) if compiled else model
+            loss = loss_sum(forward, pack(exs, "packed-attention"))
+            loss.backward()
+        results.append((float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}))
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert traced and traced[-1] == (-1, 0)  # the kernel branch ran (compiled: traced)
+    assert breaks and all("LossHead.forward" in reason for reason in breaks), breaks
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
