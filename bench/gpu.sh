@@ -40,7 +40,8 @@ case "$part" in
   qwen0.5b|llama1b)
     # Defaults (compile on CUDA, packed varlen attention): full and LoRA; then full with activation
     # checkpointing, the like-for-like memory comparison with TRL's default.
-    timeout 300 python3 bench/sft_speed.py $(shape "$part") --results "$res" 2>&1 | tail -2
+    # --profile: the share of step time the GPU is busy (near 1: CUDA graphs could not help).
+    timeout 300 python3 bench/sft_speed.py $(shape "$part") --profile --results "$res" 2>&1 | tail -2
     timeout 200 python3 bench/sft_speed.py $(shape "$part") --method full --gradient-checkpointing \
       --results "$res" 2>&1 | tail -1 ;;
   ablations)

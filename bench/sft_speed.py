@@ -86,6 +86,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    busy = gpu_busy_share(model, examples, train_cfg) if args.profile and device.type == "cuda" else None
     steps = [r for r in records if "loss" in r and r["step"] > WARM]
     tokens = sum(r["tokens"] for r in steps)
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
@@ -110,7 +111,28 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         # What the loop logs: CUDA allocations on a GPU, the process's peak RSS on a CPU.
         "peak_mem_GiB": round(max(r["peak_mem_gib"] for r in steps), 2),
         "mean_example_tokens": round(sum(len(e.input_ids) for e in examples) / len(examples), 1),
+        **({"gpu_busy_share": busy} if busy is not None else {}),
     }
+
+
+def gpu_busy_share(model, examples, cfg, steps: int = 6) -> float:
+    """The share of the training steps' wall time the GPU spends in kernels, over a few more steps
+    of the warm model under the profiler: near 1, the host keeps the GPU fed and CUDA graphs could
+    not help; well below 1, kernel launches (the host) are the limit."""
+    import dataclasses
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunelab.training.loop import train
+
+    cfg = dataclasses.replace(cfg, max_steps=steps, seed=cfg.seed + 1)
+    with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train(model, None, examples, [], cfg, Path(tmp), quiet=True, save=False)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    wall = sum(r["tokens"] / r["tokens_per_s"] for r in records if "loss" in r)
+    kernels = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    return round(kernels / 1e6 / wall, 3)
 
 
 def run_peer(peers: Path, conf: str, model: str, batch: int, gc: str | None) -> dict:
@@ -161,6 +183,9 @@ def main() -> None:
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
+        "--profile", action="store_true", help="GPU only: also report the share of step time the GPU is busy"
+    )
+    p.add_argument(
         "--peers", type=Path, help="folder with the peers' peers_gpu.py: run them too, same machine"
     )
     p.add_argument("--peer-configs", default="hf_pad,trl_nopack", help="comma-separated peer configurations")
@@ -179,7 +204,7 @@ def main() -> None:
                "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
                "--method", method, "--attn", args.attn, "--compile", args.compile,
                "--attention", args.attention, "--head", args.head]  # fmt: skip
-        cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing
+        cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(
