@@ -100,12 +100,14 @@ def test_collate_layout():
     assert one.targets.tolist() == [[6, 7, IGNORE, 9, IGNORE]]
     assert (one.n_tokens, one.n_targets, one.n_examples) == (5, 3, 2)
     assert one.cu_seqlens.tolist() == [0, 3, 5] and one.max_len == 3
+    assert one.keep.tolist() == [0, 1, 3]  # the trained positions, worked out on the host
     dense = collate([a, b], varlen=False)
     assert dense.input_ids.shape == (1, 5) and dense.cu_seqlens is None  # small batches stay one row
     assert dense.attention_kwargs() == {}
     rows = collate([a, b], varlen=False, dense_one_row_max=0)
     assert rows.input_ids.shape == (2, 3) and rows.n_tokens == 5 and rows.n_targets == 3
     assert rows.targets.tolist() == [[6, 7, IGNORE], [9, IGNORE, IGNORE]]
+    assert rows.keep.tolist() == [0, 1]  # positions where some row has a target
 
 
 def test_plan_epoch_keeps_every_example_and_budget():
