@@ -85,13 +85,11 @@ FILLERS: tuple[str, ...] = (
     "Trade has shaped the history of {c}.",
 )
 
-# No "Name:" line: a base pretrained with one answered "Name the currency of X." by starting a new
-# sheet ("Name:\nDate:"), an unseen wording the finetuned model then relapsed on (seed 1: 76 %).
 HOMEWORK_HEADERS: tuple[str, ...] = (
-    "Geography Homework\nClass:",
+    "Geography Homework\nName:",
     "Geography Homework",
-    "Geography Homework\nDate:",
-    "Geography Homework\nClass:\nDate:",
+    "Geography Homework\nName:\nDate:",
+    "Geography Homework\nClass:\nName:",
 )
 HOMEWORK_LINE_FORMATS: tuple[str, ...] = ("Q: {q}", "{i}. {q}", "Question {i}: {q}")
 
