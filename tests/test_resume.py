@@ -218,3 +218,46 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(llama_dir, da
     assert [r[0] for r in logged(run) if r[1] is not None][-1] == bad - 1  # the bad step was not logged
     assert all(math.isfinite(r[1]) for r in logged(run) if r[1] is not None)
     assert not (run / "final").exists()
+
+
+def test_out_of_memory_says_what_to_do_and_the_run_resumes_with_a_lower_budget(
+    llama_dir, data, reference, tmp_path, monkeypatch, capsys
+):
+    """A micro-batch that does not fit stops the run with the knobs to turn and how to continue; the
+    run then resumes with a lower `micro_batch_tokens` (steps split into more micro-batches) and ends
+    where the uninterrupted run ended, up to float rounding (the sums are grouped differently)."""
+    from tunelab.training import loop
+
+    run = tmp_path / "run"
+    real, calls = loop.loss_sum, []
+
+    def runs_out(model, batch):
+        if torch.is_grad_enabled():
+            calls.append(batch.n_tokens)
+            if len(calls) == 13:  # step 13: after the checkpoint of step 10
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "loss_sum", runs_out)
+    assert cli.main(train_args(llama_dir, data, run, "full")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: out of memory at step 13, in a \d+-token micro-batch", err), err
+    hint = err.replace("\n", "")
+    assert "lower train.micro_batch_tokens (now 8,192) or set train.gradient_checkpointing: true" in hint
+    assert f"then continue: tunelab train --resume {run}" in hint and "--train.method=lora" in hint
+    assert min(calls) > 100  # a step is one micro-batch of all 4 examples under the default budget
+
+    monkeypatch.setattr(loop, "loss_sum", real)
+    calls.clear()
+    config = run / "config.yaml"
+    text = config.read_text().replace("micro_batch_tokens: 8192", "micro_batch_tokens: 80")
+    # (the budget must hold the longest example: every example here is shorter than 48 tokens)
+    config.write_text(text.replace("max_length: 512", "max_length: 48"))
+    monkeypatch.setattr(loop, "loss_sum", lambda m, b: calls.append(b.n_tokens) or real(m, b))
+    assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert calls and max(calls) <= 80  # resumed with the lower budget: several micro-batches per step
+    got, want = load_file(weights_file(run)), load_file(weights_file(reference["full"]))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    losses = [r[1] for r in logged(run) if r[1] is not None]
+    assert losses == pytest.approx([r[1] for r in logged(reference["full"]) if r[1] is not None], rel=1e-4)

@@ -94,6 +94,29 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
 
 
+@contextmanager
+def _explain_out_of_memory(cfg: TrainConfig, device: torch.device, run_dir: Path, log: Any, where: str):
+    """Out of memory says which knob to turn. `micro_batch_tokens` is the first: a step's micro-batches
+    add up to exactly the same step whatever their size, so a run may resume with a lower budget."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        log.close()
+        peak = peak_memory_gib(device)
+        knobs = f"lower train.micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
+        if not cfg.gradient_checkpointing:
+            knobs += " or set train.gradient_checkpointing: true"
+        if checkpoint.complete_checkpoints(run_dir / "checkpoints") and (run_dir / "config.yaml").exists():
+            knobs += f" in {run_dir / 'config.yaml'}, then continue: tunelab train --resume {run_dir}"
+        else:
+            knobs += ", then start the run again"
+        if cfg.method == "full":
+            knobs += "; or start over with an adapter (--train.method=lora)"
+        raise TunelabError(
+            f"out of memory {where}" + (f" (peak {peak:.1f} GiB so far)" if peak else ""), knobs
+        ) from e
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -215,7 +238,8 @@ def train(
         nonlocal best_eval, best_step, last_eval
         if not eval_examples:
             return
-        last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device, varlen, dist)
+        with _explain_out_of_memory(cfg, device, run_dir, log, f"evaluating at step {step}"):
+            last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device, varlen, dist)
         log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
@@ -246,17 +270,21 @@ def train(
         step_loss = torch.zeros((), device=device)  # summed on the device: no wait per micro-batch
         # Several processes: this rank's share of the micro-batches, gradients synced after the last.
         share = distributed.deal(micro_batches, dist)
-        for i, (batch, counts) in enumerate(share):
-            batch = batch.to(device)
-            with distributed.gradient_sync(wrapped, dist, sync=i == len(share) - 1):
-                loss = loss_sum(forward, batch) / max(n_targets, 1)
-                if not counts:
-                    loss = loss * 0.0  # a stand-in pass: it keeps this rank in step and adds nothing
-                if loss.requires_grad:
-                    # DDP/FSDP average gradients over ranks; times world_size, that average is the
-                    # step's sum / n_targets, as on one process (where this multiplies by 1, exactly).
-                    (loss * dist.world_size).backward()
-            step_loss += loss.detach()
+        largest = max(b.n_tokens for b in micro_batches)
+        with _explain_out_of_memory(
+            cfg, device, run_dir, log, f"at step {step + 1}, in a {largest:,}-token micro-batch"
+        ):
+            for i, (batch, counts) in enumerate(share):
+                batch = batch.to(device)
+                with distributed.gradient_sync(wrapped, dist, sync=i == len(share) - 1):
+                    loss = loss_sum(forward, batch) / max(n_targets, 1)
+                    if not counts:
+                        loss = loss * 0.0  # a stand-in pass: it keeps this rank in step and adds nothing
+                    if loss.requires_grad:
+                        # DDP/FSDP average gradients over ranks; times world_size, that average is the
+                        # step's sum / n_targets, as on one process (where this multiplies by 1, exactly).
+                        (loss * dist.world_size).backward()
+                step_loss += loss.detach()
         # The step's loss, equal on every rank; the host waits for the device here, once per step.
         step_loss = distributed.all_sum([float(step_loss)], dist)[0]
         if not math.isfinite(step_loss):
