@@ -261,3 +261,38 @@ def test_out_of_memory_says_what_to_do_and_the_run_resumes_with_a_lower_budget(
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
     losses = [r[1] for r in logged(run) if r[1] is not None]
     assert losses == pytest.approx([r[1] for r in logged(reference["full"]) if r[1] is not None], rel=1e-4)
+
+
+def test_the_largest_micro_batch_runs_first_on_a_gpu_so_memory_fails_fast(
+    llama_dir, data, reference, tmp_path, monkeypatch, capsys
+):
+    """On a GPU the largest micro-batch goes forward and backward once before anything else (here
+    enabled on the CPU): a budget that does not fit stops the run before the first step and before
+    the step-0 evaluation, and a budget that fits says so with its peak memory. The pass leaves no
+    trace: the run ends with the uninterrupted reference run's weights, bit for bit."""
+    from tunelab.training import loop
+
+    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})
+    real, seen = loop.loss_sum, []
+
+    def too_big(model, batch):
+        seen.append((torch.is_grad_enabled(), batch.n_tokens))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "loss_sum", too_big)
+    run = tmp_path / "run"
+    assert cli.main(train_args(llama_dir, data, run, "full")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: out of memory on the largest micro-batch \((\d+) tokens\)", err), err
+    assert seen == [(True, int(re.search(r"largest micro-batch \((\d+) tokens\)", err)[1]))]  # nothing before
+    assert "then start the run again" in err
+    assert not any(r[0] > 0 for r in logged(run))  # no step trained
+
+    monkeypatch.setattr(loop, "loss_sum", real)
+    args = train_args(llama_dir, data, tmp_path / "ok", "full")
+    args[args.index("--quiet")] = "--train.eval_every=0"  # not quiet: the fitting line is printed
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    assert re.search(r"the largest micro-batch \(\d+ tokens\) fits: peak \d+\.\d GiB", out.err + out.out)
+    got, want = load_file(weights_file(tmp_path / "ok")), load_file(weights_file(reference["full"]))
+    assert all(torch.equal(got[k], want[k]) for k in want)

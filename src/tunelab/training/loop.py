@@ -38,6 +38,9 @@ from tunelab.training.logger import MetricsLogger, SilentLogger
 from tunelab.training.loss import describe as describe_loss
 from tunelab.training.loss import fused_head, loss_sum
 
+# Where training first runs its largest micro-batch once, to fail fast on memory: GPUs, whose memory
+# is the hard limit (elsewhere the extra pass would only cost time).
+FAIL_FAST_DEVICES = {"cuda"}
 # Dense bf16 peak, for MFU. MFU is reported on GPUs we know; elsewhere it is left out, not guessed.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
@@ -83,6 +86,15 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
+def memory_text(device: torch.device) -> str:
+    peak = peak_memory_gib(device)
+    if peak is None:
+        return "peak memory unknown"
+    if device.type == "cuda":
+        return f"peak {peak:.1f} of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
+    return f"peak {peak:.1f} GiB"
+
+
 def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # No weight decay on biases and norm weights (1-D tensors), as in GPT-2/LLaMA recipes.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -102,7 +114,6 @@ def _explain_out_of_memory(cfg: TrainConfig, device: torch.device, run_dir: Path
         yield
     except torch.OutOfMemoryError as e:
         log.close()
-        peak = peak_memory_gib(device)
         knobs = f"lower train.micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
         if not cfg.gradient_checkpointing:
             knobs += " or set train.gradient_checkpointing: true"
@@ -112,9 +123,7 @@ def _explain_out_of_memory(cfg: TrainConfig, device: torch.device, run_dir: Path
             knobs += ", then start the run again"
         if cfg.method == "full":
             knobs += "; or start over with an adapter (--train.method=lora)"
-        raise TunelabError(
-            f"out of memory {where}" + (f" (peak {peak:.1f} GiB so far)" if peak else ""), knobs
-        ) from e
+        raise TunelabError(f"out of memory {where} ({memory_text(device)} so far)", knobs) from e
 
 
 @torch.no_grad()
@@ -249,6 +258,24 @@ def train(
             if dist.is_main:
                 with checkpoint.atomic_dir(run_dir / "best") as tmp:  # never half-written, even if killed
                     save_model(model, tokenizer, tmp, template, weights)
+
+    if device.type in FAIL_FAST_DEVICES and start_step < total_steps:
+        # Fail fast: the largest micro-batch goes forward and backward once before anything else, so
+        # a budget that does not fit stops the run in its first seconds, not hours in.
+        plan = plan_epoch(
+            lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, start_step // steps_per_epoch
+        )
+        largest = max((mb for mbs in plan for mb in mbs), key=lambda mb: sum(lengths[i] for i in mb))
+        batch = collate([train_examples[i] for i in largest], varlen).to(device)
+        with _explain_out_of_memory(
+            cfg, device, run_dir, log, f"on the largest micro-batch ({batch.n_tokens:,} tokens)"
+        ):
+            with distributed.gradient_sync(wrapped, dist, sync=True):
+                loss = loss_sum(forward, batch)
+                if loss.requires_grad:
+                    loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        log.print(f"the largest micro-batch ({batch.n_tokens:,} tokens) fits: {memory_text(device)}")
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
