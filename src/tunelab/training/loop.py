@@ -28,7 +28,7 @@ import torch
 from transformers import get_scheduler
 
 from tunelab.config import TrainConfig
-from tunelab.data.packing import collate, plan_epoch, plan_eval
+from tunelab.data.packing import PackedBatch, collate, plan_epoch, plan_eval
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.models import count_parameters, save_model
@@ -282,17 +282,24 @@ def train(
 
     # ---- train
     plans: dict[int, list[list[list[int]]]] = {}
+
+    def packed_step(step: int) -> list[PackedBatch]:
+        """The step's micro-batches, packed; an epoch's plan is made when its first step comes."""
+        nonlocal plans
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
+        return [collate([train_examples[i] for i in mb], varlen) for mb in plans[epoch][index]]
+
     t0 = time.perf_counter()
     window_tokens, window_time, loss_value, tokens_per_s = 0, 0.0, math.nan, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    upcoming = packed_step(start_step) if start_step < total_steps else []
     for step in range(start_step, total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in plans:
-            plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
-        micro_batches = [collate([train_examples[i] for i in mb], varlen) for mb in plans[epoch][index]]
-        n_targets = sum(b.n_targets for b in micro_batches)  # the whole step's, known on every rank
         tick = time.perf_counter()
+        micro_batches = upcoming
+        n_targets = sum(b.n_targets for b in micro_batches)  # the whole step's, known on every rank
         distributed.fail_for_test(step + 1, dist)
         step_loss = torch.zeros((), device=device)  # summed on the device: no wait per micro-batch
         # Several processes: this rank's share of the micro-batches, gradients synced after the last.
@@ -312,6 +319,8 @@ def train(
                         # step's sum / n_targets, as on one process (where this multiplies by 1, exactly).
                         (loss * dist.world_size).backward()
                 step_loss += loss.detach()
+        # Pack the next step while the GPU still works on this one (counted in this step's time).
+        upcoming = packed_step(step + 1) if step + 1 < total_steps else []
         # The step's loss, equal on every rank; the host waits for the device here, once per step.
         step_loss = distributed.all_sum([float(step_loss)], dist)[0]
         if not math.isfinite(step_loss):
