@@ -296,3 +296,19 @@ def test_the_largest_micro_batch_runs_first_on_a_gpu_so_memory_fails_fast(
     assert re.search(r"the largest micro-batch \(\d+ tokens\) fits: peak \d+\.\d GiB", out.err + out.out)
     got, want = load_file(weights_file(tmp_path / "ok")), load_file(weights_file(reference["full"]))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_out_of_memory_in_the_optimizer_update_points_at_the_trained_parameters(
+    llama_dir, data, tmp_path, monkeypatch, capsys
+):
+    """A full finetune whose AdamW state does not fit fails in its first update: the message says
+    so and points at an adapter, not at the micro-batch budget (which cannot help there)."""
+
+    def no_room(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", no_room)
+    assert cli.main(train_args(llama_dir, data, tmp_path / "run", "full")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: out of memory in the update at step 1 \(peak \d+\.\d GiB so far\)", err), err
+    assert "AdamW's two moments" in err and "--train.method=lora" in err and "micro_batch_tokens" not in err

@@ -107,22 +107,34 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
 
 
 @contextmanager
-def _explain_out_of_memory(cfg: TrainConfig, device: torch.device, run_dir: Path, log: Any, where: str):
-    """Out of memory says which knob to turn. `micro_batch_tokens` is the first: a step's micro-batches
-    add up to exactly the same step whatever their size, so a run may resume with a lower budget."""
+def _explain_out_of_memory(
+    cfg: TrainConfig, device: torch.device, run_dir: Path, log: Any, where: str, optimizer: bool = False
+):
+    """Out of memory says which knob to turn. In a forward/backward pass `micro_batch_tokens` is the
+    first: a step's micro-batches add up to exactly the same step whatever their size, so a run may
+    resume with a lower budget. In the optimizer update only fewer trained parameters help."""
     try:
         yield
     except torch.OutOfMemoryError as e:
         log.close()
-        knobs = f"lower train.micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
-        if not cfg.gradient_checkpointing:
-            knobs += " or set train.gradient_checkpointing: true"
-        if checkpoint.complete_checkpoints(run_dir / "checkpoints") and (run_dir / "config.yaml").exists():
-            knobs += f" in {run_dir / 'config.yaml'}, then continue: tunelab train --resume {run_dir}"
+        if optimizer:  # the first update allocates AdamW's two moments per trained parameter
+            knobs = "the weights, their gradients and AdamW's two moments per trained weight do not fit: "
+            knobs += (
+                "train an adapter (--train.method=lora)" if cfg.method == "full" else "use a smaller model"
+            )
         else:
-            knobs += ", then start the run again"
-        if cfg.method == "full":
-            knobs += "; or start over with an adapter (--train.method=lora)"
+            knobs = f"lower train.micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
+            if not cfg.gradient_checkpointing:
+                knobs += " or set train.gradient_checkpointing: true"
+            if (
+                checkpoint.complete_checkpoints(run_dir / "checkpoints")
+                and (run_dir / "config.yaml").exists()
+            ):
+                knobs += f" in {run_dir / 'config.yaml'}, then continue: tunelab train --resume {run_dir}"
+            else:
+                knobs += ", then start the run again"
+            if cfg.method == "full":
+                knobs += "; or start over with an adapter (--train.method=lora)"
         raise TunelabError(f"out of memory {where} ({memory_text(device)} so far)", knobs) from e
 
 
@@ -337,7 +349,10 @@ def train(
         if cfg.grad_clip:
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = float(distributed.local_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        optimizer.step()
+        with _explain_out_of_memory(
+            cfg, device, run_dir, log, f"in the update at step {step + 1}", optimizer=True
+        ):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
