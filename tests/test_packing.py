@@ -259,3 +259,21 @@ def test_fused_head_refuses_a_second_backward_rather_than_mis_scale():
     (loss * 2).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         (loss * 2).backward()
+
+
+def test_a_head_that_cannot_be_swapped_is_kept(llama_dir, monkeypatch):
+    """A model whose output head cannot be replaced (a setter that refuses, or one that does
+    nothing) keeps its head and trains on the plain path."""
+    model = load(llama_dir)
+    batch = pack(examples(5, seed=3), "packed-attention")
+    expected = float(loss_sum(model, batch))
+    head = model.get_output_embeddings()
+
+    def refuses(new):
+        raise NotImplementedError
+
+    for setter in (refuses, lambda new: None):
+        monkeypatch.setattr(model, "set_output_embeddings", setter)
+        with fused_head(model) as fused:
+            assert not fused and model.get_output_embeddings() is head
+            assert float(loss_sum(model, batch)) == pytest.approx(expected, rel=1e-6)

@@ -150,8 +150,14 @@ def _returns_head_output(base: Any, head: torch.nn.Module) -> bool:
     one = torch.zeros((1, 1), dtype=torch.long, device=device)
     batch = PackedBatch(one, one, one, 1, 1, 0, torch.tensor([0, 1], dtype=torch.int32, device=device), 1)
     varlen = batch.attention_kwargs() if attention.is_varlen(base) else {}  # a packed row of one token
-    base.set_output_embeddings(_Probe(marker))
+    probe = _Probe(marker)
     try:
+        base.set_output_embeddings(probe)
+    except (AttributeError, NotImplementedError):  # a model whose head cannot be swapped: keep it
+        return False
+    try:
+        if base.get_output_embeddings() is not probe:
+            return False
         with torch.no_grad():
             out = base(input_ids=one, position_ids=one, use_cache=False, **varlen)
         return getattr(out, "logits", None) is marker
