@@ -76,7 +76,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     )
     model.to(device)
     if args.method != "full":
-        model = apply_lora(model, args.method, 16, 32, 0.0, "all-linear", [])
+        model = apply_lora(model, args.method, 16, 32, args.lora_dropout, "all-linear", [])
     examples = make_examples(4000, spec["vocab_size"], short=args.model == "world")
     train_cfg = TrainConfig(
         lr=1e-5, max_steps=args.steps, batch_size=args.batch, micro_batch_tokens=args.micro_batch_tokens,
@@ -98,7 +98,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + ("_mask" if args.attention == "mask" else "")
         + ("_plainhead" if args.head == "plain" else "")
         + (f"_{args.attn}" if args.attn != "sdpa" else "")
-        + ("_gc" if args.gradient_checkpointing else ""),
+        + ("_gc" if args.gradient_checkpointing else "")
+        + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else ""),
         "model": args.model,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -182,6 +183,7 @@ def main() -> None:
         "the model's own head, fp32 logits at every trained position, then cross-entropy",
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (LoRA)")
     p.add_argument(
         "--profile", action="store_true", help="GPU only: also report the share of step time the GPU is busy"
     )
@@ -205,6 +207,7 @@ def main() -> None:
                "--method", method, "--attn", args.attn, "--compile", args.compile,
                "--attention", args.attention, "--head", args.head]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
+        cmd += ["--lora-dropout", str(args.lora_dropout)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(

@@ -29,7 +29,7 @@ from tunelab.errors import TunelabError
 from tunelab.training import checkpoint
 
 STEPS, SAVE_EVERY = 30, 10  # 43 train rows in steps of 4: epochs turn over at steps 11 and 22
-LR = {"full": "1e-3", "lora": "1e-2"}  # LoRA keeps its default dropout 0.05, which draws from the RNG
+LR = {"full": "1e-3", "lora": "1e-2"}
 
 
 def train_args(model_dir: Path, data: Path, out: Path, method: str) -> list[str]:
@@ -48,6 +48,7 @@ def train_args(model_dir: Path, data: Path, out: Path, method: str) -> list[str]
         "--train.eval_every=5",
         "--train.log_every=1",
         "--lora.r=4",
+        "--lora.dropout=0.05",  # draws from the RNG: a resumed LoRA run must restore its state too
     ]  # fmt: skip
 
 

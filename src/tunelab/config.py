@@ -72,7 +72,7 @@ class DataConfig:
 class LoraConfig:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0  # > 0 draws a mask per adapted layer: slower, more memory (docs/configs.md)
     # "all-linear" = every linear layer of attention and MLP (not the output head).
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] = field(default_factory=list)
