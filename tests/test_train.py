@@ -225,3 +225,21 @@ def test_leakage_limit_is_a_config_key(llama_dir, tmp_path):
     assert run.config.data.max_leakage == 1.0 and (run.path / "final").is_dir()
     with pytest.raises(tunelab.ConfigError, match="data.max_leakage"):
         fit(llama_dir, data, tmp_path / "c", max_steps=1, **{"data.max_leakage": 2.0})
+
+
+def test_the_done_line_reports_speed_and_memory(llama_dir, qa_file, tmp_path, capsys):
+    """The run's last line carries its mean real tokens/s (every step's tokens over every step's
+    time, as metrics.jsonl logs them) and its peak memory."""
+    import re
+
+    out = tmp_path / "run"
+    args = ["train", "--model", str(llama_dir), "--data", str(qa_file), "--out", str(out), "--quiet"]
+    assert main([*args, "--train.max_steps=6", "--train.batch_size=4", "--train.log_every=2"]) == 0
+    done = re.search(
+        r"done: 6 steps, .*; ([\d,]+) tokens/s, peak memory (\d+\.\d) GiB", capsys.readouterr().out
+    )
+    assert done, "no speed and memory in the done line"
+    steps = [r for r in metrics(out) if "loss" in r]
+    expected = sum(r["tokens"] for r in steps) / sum(r["tokens"] / r["tokens_per_s"] for r in steps)
+    assert int(done[1].replace(",", "")) == pytest.approx(expected, rel=0.01)
+    assert float(done[2]) == pytest.approx(steps[-1]["peak_mem_gib"], abs=0.1)

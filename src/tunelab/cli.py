@@ -75,6 +75,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
         f"done: {result.steps} steps, final train loss {result.final_loss:.4f}"
         + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
         + (f" (best {result.best_eval_loss:.4f} at step {result.best_step})" if result.best_step else "")
+        + (f"; {result.mean_tokens_per_s:,.0f} tokens/s" if result.mean_tokens_per_s else "")
+        + (f", peak memory {result.peak_mem_gib:.1f} GiB" if result.peak_mem_gib is not None else "")
     )
     print(f"run directory: {result.run_dir}  (model in {result.run_dir / 'final'})")
     return 0

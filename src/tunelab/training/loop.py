@@ -57,7 +57,9 @@ class TrainResult:
     eval_loss: float | None
     best_eval_loss: float | None
     best_step: int | None
-    tokens_per_s: float
+    tokens_per_s: float  # over the last logged window of steps
+    mean_tokens_per_s: float = 0.0  # over every step this process ran
+    peak_mem_gib: float | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -305,6 +307,7 @@ def train(
 
     t0 = time.perf_counter()
     window_tokens, window_time, loss_value, tokens_per_s = 0, 0.0, math.nan, 0.0
+    run_tokens, run_time = 0, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     upcoming = packed_step(start_step) if start_step < total_steps else []
@@ -359,6 +362,8 @@ def train(
             torch.cuda.synchronize(device)
         window_time += time.perf_counter() - tick
         window_tokens += sum(b.n_tokens for b in micro_batches)
+        run_time += time.perf_counter() - tick
+        run_tokens += sum(b.n_tokens for b in micro_batches)
         loss_value = step_loss
         done = step + 1
 
@@ -415,4 +420,6 @@ def train(
         best_eval_loss=best_eval if best_step else None,
         best_step=best_step,
         tokens_per_s=tokens_per_s,
+        mean_tokens_per_s=run_tokens / max(run_time, 1e-9),
+        peak_mem_gib=peak_memory_gib(device),
     )
