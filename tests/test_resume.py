@@ -294,7 +294,10 @@ def test_the_largest_micro_batch_runs_first_on_a_gpu_so_memory_fails_fast(
     args[args.index("--quiet")] = "--train.eval_every=0"  # not quiet: the fitting line is printed
     assert cli.main(args) == 0
     out = capsys.readouterr()
-    assert re.search(r"the largest micro-batch \(\d+ tokens\) fits: peak \d+\.\d GiB", out.err + out.out)
+    assert re.search(
+        r"checking that the largest micro-batch \(\d+ tokens\) fits\n.*it fits: peak \d+\.\d GiB",
+        out.err + out.out,
+    )
     got, want = load_file(weights_file(tmp_path / "ok")), load_file(weights_file(reference["full"]))
     assert all(torch.equal(got[k], want[k]) for k in want)
 

@@ -281,6 +281,10 @@ def train(
         )
         largest = max((mb for mbs in plan for mb in mbs), key=lambda mb: sum(lengths[i] for i in mb))
         batch = collate([train_examples[i] for i in largest], varlen).to(device)
+        log.print(
+            f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
+            + (" (compiling the model first)" if compiled else "")
+        )
         with _explain_out_of_memory(
             cfg, device, run_dir, log, f"on the largest micro-batch ({batch.n_tokens:,} tokens)"
         ):
@@ -289,7 +293,7 @@ def train(
                 if loss.requires_grad:
                     loss.backward()
         optimizer.zero_grad(set_to_none=True)
-        log.print(f"the largest micro-batch ({batch.n_tokens:,} tokens) fits: {memory_text(device)}")
+        log.print(f"it fits: {memory_text(device)}")
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
