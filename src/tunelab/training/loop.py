@@ -273,12 +273,23 @@ def train(
                 with checkpoint.atomic_dir(run_dir / "best") as tmp:  # never half-written, even if killed
                     save_model(model, tokenizer, tmp, template, weights)
 
+    plans: dict[int, list[list[list[int]]]] = {}  # the current epoch's only
+
+    def epoch_plan(epoch: int) -> list[list[list[int]]]:
+        nonlocal plans
+        if epoch not in plans:
+            plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
+        return plans[epoch]
+
+    def packed_step(step: int) -> list[PackedBatch]:
+        """The step's micro-batches, packed."""
+        epoch, index = divmod(step, steps_per_epoch)
+        return [collate([train_examples[i] for i in mb], varlen) for mb in epoch_plan(epoch)[index]]
+
     if device.type in FAIL_FAST_DEVICES and start_step < total_steps:
         # Fail fast: the largest micro-batch goes forward and backward once before anything else, so
         # a budget that does not fit stops the run in its first seconds, not hours in.
-        plan = plan_epoch(
-            lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, start_step // steps_per_epoch
-        )
+        plan = epoch_plan(start_step // steps_per_epoch)
         largest = max((mb for mbs in plan for mb in mbs), key=lambda mb: sum(lengths[i] for i in mb))
         batch = collate([train_examples[i] for i in largest], varlen).to(device)
         log.print(
@@ -299,16 +310,6 @@ def train(
         run_eval(0)  # the starting point, so every later number has something to be compared with
 
     # ---- train
-    plans: dict[int, list[list[list[int]]]] = {}
-
-    def packed_step(step: int) -> list[PackedBatch]:
-        """The step's micro-batches, packed; an epoch's plan is made when its first step comes."""
-        nonlocal plans
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in plans:
-            plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
-        return [collate([train_examples[i] for i in mb], varlen) for mb in plans[epoch][index]]
-
     t0 = time.perf_counter()
     window_tokens, window_time, loss_value, tokens_per_s = 0, 0.0, math.nan, 0.0
     run_tokens, run_time = 0, 0.0
