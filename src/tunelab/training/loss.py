@@ -190,10 +190,15 @@ def fused_head(model: Any) -> Iterator[bool]:
         base.set_output_embeddings(head)
 
 
+def _loss_head(model: Any) -> LossHead | None:
+    """The model's `LossHead`, while `fused_head` has it in place."""
+    head = _base(model).get_output_embeddings()
+    return head if isinstance(head, LossHead) else None
+
+
 def describe(model: Any) -> str:
     """Where the loss is computed, for the run's first log line."""
-    fused = isinstance(_base(model).get_output_embeddings(), LossHead)
-    return "loss in a fused head" if fused else "loss after the model's own head"
+    return "loss in a fused head" if _loss_head(model) is not None else "loss after the model's own head"
 
 
 def _forward(model: Any, batch: PackedBatch) -> Any:
@@ -208,7 +213,7 @@ def _forward(model: Any, batch: PackedBatch) -> Any:
 
 def _logits(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets at the positions where some row has a target: [R, n, V] and [R, n]."""
-    if isinstance(_base(model).get_output_embeddings(), LossHead):
+    if _loss_head(model) is not None:
         raise TunelabError(
             "per-position logits were asked of a model whose head computes the training loss",
             "leave `fused_head` first",
@@ -220,8 +225,8 @@ def loss_sum(model: Any, batch: PackedBatch) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies, so micro-batches add up to the exact step mean."""
     if batch.n_targets == 0:
         return torch.zeros((), device=batch.input_ids.device)
-    head = _base(model).get_output_embeddings()
-    if isinstance(head, LossHead):
+    head = _loss_head(model)
+    if head is not None:
         head.targets = batch.targets[:, batch.keep]
         try:
             return _forward(model, batch).logits  # the head's output: the loss
