@@ -10,8 +10,8 @@
 #   run(command="bash bench/gpu.sh llama1b", carry=[".peers"])
 #   run(command="bash bench/gpu.sh peers", carry=[".peers"])     # TRL + Liger, both shapes
 #   run(command="bash bench/gpu.sh tests", carry=[".peers"])     # QLoRA, varlen kernel: CUDA-only tests
-#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: eager, dense mask, plain head,
-#                                                                # flex on qwen0.5b (`ablations llama1b` for the other)
+#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: PEFT's LoRA forward, eager,
+#                                          # dense mask, plain head, flex on qwen0.5b (`ablations llama1b` for the other)
 #
 # DRY=1 bash bench/gpu.sh qwen0.5b|tests  runs the same commands on a CPU machine with the world model
 # for a few steps, to check the plumbing before GPU time is spent on it.
@@ -46,14 +46,16 @@ case "$part" in
     timeout 200 python3 bench/sft_speed.py $(shape "$part") --method full --gradient-checkpointing \
       --results "$res" 2>&1 | tail -1 ;;
   ablations)
-    # Each choice changed alone, full finetune: eager, the dense-mask path, the model's own head (fp32
+    # Each choice changed alone: LoRA through PEFT's own forward (fp32 adapter branch) instead of the
+    # one-addmm forward; then full finetune eager, the dense-mask path, the model's own head (fp32
     # logits at every trained position), flex attention. One shape per call (`ablations llama1b`):
-    # eight runs of up to two minutes would not fit one call's 10 minutes.
+    # ten runs of up to two minutes would not fit one call's 10 minutes.
     for model in ${2:-qwen0.5b}; do
-      variants=("--compile false" "--attention mask" "--head plain")
-      [ -n "$dry" ] || variants+=("--attn flex_attention --attention mask")  # flex has no CPU backward
+      variants=("--method lora --lora-forward peft" "--method full --compile false"
+                "--method full --attention mask" "--method full --head plain")
+      [ -n "$dry" ] || variants+=("--method full --attn flex_attention --attention mask")  # no CPU backward
       for extra in "${variants[@]}"; do
-        timeout 120 python3 bench/sft_speed.py $(shape "$model") --method full $extra --results "$res" 2>&1 | tail -1
+        timeout 110 python3 bench/sft_speed.py $(shape "$model") $extra --results "$res" 2>&1 | tail -1
       done
     done ;;
   peers)

@@ -58,6 +58,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     from tunelab.config import TrainConfig
     from tunelab.models import apply_lora, count_parameters, pick_dtype
     from tunelab.training import attention
+    from tunelab.training import lora as lora_module
     from tunelab.training import loss as loss_module
     from tunelab.training.loop import train
 
@@ -69,6 +70,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         attention.supported = lambda model: False  # keep transformers' own SDPA + dense mask
     if args.head == "plain":
         loss_module._returns_head_output = lambda base, head: False  # keep the model's own head
+    if args.lora_forward == "peft":
+        lora_module._layers = lambda model: []  # every LoRA layer keeps PEFT's forward
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
@@ -99,7 +102,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + ("_plainhead" if args.head == "plain" else "")
         + (f"_{args.attn}" if args.attn != "sdpa" else "")
         + ("_gc" if args.gradient_checkpointing else "")
-        + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else ""),
+        + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else "")
+        + ("_peftforward" if args.method != "full" and args.lora_forward == "peft" else ""),
         "model": args.model,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -185,6 +189,12 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (LoRA)")
     p.add_argument(
+        "--lora-forward",
+        choices=["fused", "peft"],
+        default="fused",
+        help="fused = the adapter added inside one addmm (default); peft = PEFT's own LoRA forward",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="GPU only: also report the share of step time the GPU is busy"
     )
     p.add_argument(
@@ -207,7 +217,7 @@ def main() -> None:
                "--method", method, "--attn", args.attn, "--compile", args.compile,
                "--attention", args.attention, "--head", args.head]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
-        cmd += ["--lora-dropout", str(args.lora_dropout)]
+        cmd += ["--lora-dropout", str(args.lora_dropout), "--lora-forward", args.lora_forward]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(

@@ -88,10 +88,16 @@ def test_adapter_trains_loads_with_peft_and_merges(
     # The count printed at the start is the adapter's (plus modules_to_save), and a small share.
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    printed = re.search(r"training ([\d,]+) of ([\d,]+) parameters \(([\d.]+)%\)", capsys.readouterr().err)
+    err = capsys.readouterr().err
+    printed = re.search(r"training ([\d,]+) of ([\d,]+) parameters \(([\d.]+)%\)", err)
     assert printed, "the trainable-parameter line is missing"
     assert int(printed[1].replace(",", "")) == trainable and int(printed[2].replace(",", "")) == total
     assert float(printed[3]) == pytest.approx(100 * trainable / total, abs=0.01)
+    # Plain LoRA layers ran the fast forward (training/lora.py); DoRA's keep PEFT's.
+    fused, adapted = map(
+        int, re.search(r"LoRA\s+in\s+one\s+addmm\s+in\s+(\d+)\s+of\s+(\d+)\s+adapted", err).groups()
+    )
+    assert adapted > 0 and fused == (adapted if method == "lora" else 0)
 
     # The loss falls: held-out loss after training is clearly below the start, train loss too.
     rows = metrics(run)

@@ -32,7 +32,7 @@ from tunelab.data.packing import PackedBatch, collate, plan_epoch, plan_eval
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.models import count_parameters, save_model
-from tunelab.training import attention, checkpoint, distributed
+from tunelab.training import attention, checkpoint, distributed, lora
 from tunelab.training.distributed import Dist
 from tunelab.training.logger import MetricsLogger, SilentLogger
 from tunelab.training.loss import describe as describe_loss
@@ -170,10 +170,11 @@ def evaluate(
 
 @contextmanager
 def fast_paths(model: Any) -> Iterator[bool]:
-    """While tunelab trains or evaluates: the output head computes the loss itself (training/loss.py)
-    and an SDPA model runs per-example packed attention (training/attention.py); both are undone
-    afterwards, also when the block fails. Yields whether the model takes packed rows with boundaries."""
-    with fused_head(model), attention.packed(model) as varlen:
+    """While tunelab trains or evaluates: the output head computes the loss itself (training/loss.py),
+    an SDPA model runs per-example packed attention (training/attention.py) and LoRA layers add their
+    adapter inside one matmul (training/lora.py); all are undone afterwards, also when the block fails.
+    Yields whether the model takes packed rows with boundaries."""
+    with fused_head(model), attention.packed(model) as varlen, lora.fused_lora(model):
         yield varlen
 
 
@@ -236,7 +237,16 @@ def train(
     log.print(
         f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {where}; "
         f"{len(train_examples):,} examples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
-        f"attention {attention.describe(model)}, {describe_loss(model)}, compile {'on' if compiled else 'off'}"
+        + ", ".join(
+            x
+            for x in (
+                f"attention {attention.describe(model)}",
+                describe_loss(model),
+                lora.describe(model),
+                f"compile {'on' if compiled else 'off'}",
+            )
+            if x
+        )
     )
 
     start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
