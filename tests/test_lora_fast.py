@@ -75,13 +75,23 @@ def test_fast_lora_draws_the_same_dropout_as_peft(llama_dir):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fast_lora_in_bf16_as_accurate_as_peft(llama_dir):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
+        ),
+    ],
+)
+def test_fast_lora_in_bf16_as_accurate_as_peft(llama_dir, device):
     """bf16 base, fp32 adapters (PEFT's default): the adapter matmuls run in bf16, as under autocast,
     while the adapters, their gradients and so AdamW's state stay fp32. Measured against the same
-    model in fp32, the loss and the gradients are as close as PEFT's own bf16 forward gets them."""
-    batch = collate(examples(8), varlen=True)
-    exact_loss, exact = loss_and_grads(adapted(llama_dir), batch, fast=True)
-    model = adapted(llama_dir, dtype=torch.bfloat16)
+    model in fp32, the loss and the gradients are as close as PEFT's own bf16 forward gets them
+    (on CUDA through the varlen flash kernel)."""
+    batch = collate(examples(8), varlen=True).to(device)
+    exact_loss, exact = loss_and_grads(adapted(llama_dir).to(device), batch, fast=True)
+    model = adapted(llama_dir, dtype=torch.bfloat16).to(device)
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     errors = {}
     for fast in (True, False):
@@ -89,6 +99,7 @@ def test_fast_lora_in_bf16_as_accurate_as_peft(llama_dir):
         assert abs(float(loss) - float(exact_loss)) <= 1e-2 * float(exact_loss)
         assert all(g.dtype == torch.float32 for g in grads.values())
         errors[fast] = [float((grads[n] - exact[n]).norm() / exact[n].norm()) for n in exact]
+    print(f"worst gradient error vs fp32: fast {max(errors[True]):.4f}, PEFT {max(errors[False]):.4f}")
     assert max(errors[True]) < 6e-2, max(errors[True])  # measured: 3.3 % (PEFT: 4.6 %)
     assert sum(errors[True]) <= 1.25 * sum(errors[False]), (sum(errors[True]), sum(errors[False]))
 
