@@ -102,6 +102,10 @@ class TrainConfig:
     # torch.compile the model: "auto" = on CUDA (fuses norms, rotary and activations) except for
     # QLoRA's 4-bit layers (untested compiled), off on CPU (its ~40 s warm-up outlasts short runs).
     compile: bool | Literal["auto"] = "auto"
+    # How bf16 weights take AdamW's update: "stochastic" (computed in fp32, rounded up or down with
+    # probability by distance, so updates smaller than bf16's spacing add up) or "nearest" (torch's
+    # fused AdamW: at lr 1e-5 most updates round away). Weights in other dtypes: the plain update.
+    bf16_rounding: Literal["stochastic", "nearest"] = "stochastic"
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
     # Under torchrun / accelerate launch (WORLD_SIZE > 1): "auto" = ddp; "fsdp" shards weights,
     # gradients and optimizer state per decoder layer. One process ignores it (docs/distributed.md).

@@ -32,7 +32,7 @@ from tunelab.data.packing import PackedBatch, collate, plan_epoch, plan_eval
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.models import count_parameters, save_model
-from tunelab.training import attention, checkpoint, distributed, lora
+from tunelab.training import attention, checkpoint, distributed, lora, optim
 from tunelab.training.distributed import Dist
 from tunelab.training.logger import MetricsLogger, SilentLogger
 from tunelab.training.loss import describe as describe_loss
@@ -102,10 +102,18 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.bf16_rounding == "stochastic" and any(p.dtype == torch.bfloat16 for p in decay + no_decay):
+        # bf16 weights: the update rounded stochastically, or small updates are lost (training/optim.py).
+        return optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), seed=cfg.seed)
     # One fused kernel for the whole update (CUDA, and CPU since torch 2.4: 9 -> 2 ms/step on the
     # world model); single-tensor Adam is the slow default on CPU.
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str | None:
+    """For the run's first log line: says so when bf16 weights are updated with stochastic rounding."""
+    return "bf16 weights updated with stochastic rounding" if isinstance(optimizer, optim.AdamW) else None
 
 
 @contextmanager
@@ -243,6 +251,7 @@ def train(
                 f"attention {attention.describe(model)}",
                 describe_loss(model),
                 lora.describe(model),
+                describe_optimizer(optimizer),
                 f"compile {'on' if compiled else 'off'}",
             )
             if x
