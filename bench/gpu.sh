@@ -10,8 +10,8 @@
 #   run(command="bash bench/gpu.sh llama1b", carry=[".peers"])
 #   run(command="bash bench/gpu.sh peers", carry=[".peers"])     # TRL + Liger, both shapes
 #   run(command="bash bench/gpu.sh tests", carry=[".peers"])     # QLoRA, varlen kernel: CUDA-only tests
-#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: PEFT's LoRA forward, eager,
-#                                          # dense mask, plain head, flex on qwen0.5b (`ablations llama1b` for the other)
+#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: round-to-nearest AdamW,
+#          # PEFT's LoRA forward, eager, dense mask, plain head, flex on qwen0.5b (`ablations llama1b` for the other)
 #
 # DRY=1 bash bench/gpu.sh qwen0.5b|tests  runs the same commands on a CPU machine with the world model
 # for a few steps, to check the plumbing before GPU time is spent on it.
@@ -46,16 +46,17 @@ case "$part" in
     timeout 200 python3 bench/sft_speed.py $(shape "$part") --method full --gradient-checkpointing \
       --results "$res" 2>&1 | tail -1 ;;
   ablations)
-    # Each choice changed alone: LoRA through PEFT's own forward (fp32 adapter branch) instead of the
-    # one-addmm forward; then full finetune eager, the dense-mask path, the model's own head (fp32
-    # logits at every trained position), flex attention. One shape per call (`ablations llama1b`):
-    # ten runs of up to two minutes would not fit one call's 10 minutes.
+    # Each choice changed alone: torch's fused AdamW rounding to the nearest instead of stochastic
+    # rounding (the cost of the correct update); LoRA through PEFT's own forward (fp32 adapter branch)
+    # instead of the one-addmm forward; then full finetune eager, the dense-mask path, the model's own
+    # head (fp32 logits at every trained position), flex attention. One shape per call (`ablations
+    # llama1b`): twelve runs of up to 100 s would not fit one call's 10 minutes.
     for model in ${2:-qwen0.5b}; do
-      variants=("--method lora --lora-forward peft" "--method full --compile false"
-                "--method full --attention mask" "--method full --head plain")
+      variants=("--method full --bf16-rounding nearest" "--method lora --lora-forward peft"
+                "--method full --compile false" "--method full --attention mask" "--method full --head plain")
       [ -n "$dry" ] || variants+=("--method full --attn flex_attention --attention mask")  # no CPU backward
       for extra in "${variants[@]}"; do
-        timeout 110 python3 bench/sft_speed.py $(shape "$model") $extra --results "$res" 2>&1 | tail -1
+        timeout 95 python3 bench/sft_speed.py $(shape "$model") $extra --results "$res" 2>&1 | tail -1
       done
     done ;;
   peers)

@@ -84,7 +84,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     train_cfg = TrainConfig(
         lr=1e-5, max_steps=args.steps, batch_size=args.batch, micro_batch_tokens=args.micro_batch_tokens,
         log_every=1, eval_every=0, warmup_ratio=0.0, grad_clip=1.0, compile=compiled,
-        gradient_checkpointing=args.gradient_checkpointing, method=args.method,
+        gradient_checkpointing=args.gradient_checkpointing, method=args.method, bf16_rounding=args.bf16_rounding,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
@@ -103,7 +103,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + (f"_{args.attn}" if args.attn != "sdpa" else "")
         + ("_gc" if args.gradient_checkpointing else "")
         + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else "")
-        + ("_peftforward" if args.method != "full" and args.lora_forward == "peft" else ""),
+        + ("_peftforward" if args.method != "full" and args.lora_forward == "peft" else "")
+        + ("_nearest" if args.bf16_rounding == "nearest" else ""),
         "model": args.model,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -189,6 +190,13 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (LoRA)")
     p.add_argument(
+        "--bf16-rounding",
+        choices=["stochastic", "nearest"],
+        default="stochastic",
+        help="how bf16 weights take AdamW's update (train.bf16_rounding): stochastic (default) or torch's "
+        "fused AdamW, rounding to the nearest",
+    )
+    p.add_argument(
         "--lora-forward",
         choices=["fused", "peft"],
         default="fused",
@@ -218,6 +226,7 @@ def main() -> None:
                "--attention", args.attention, "--head", args.head]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
         cmd += ["--lora-dropout", str(args.lora_dropout), "--lora-forward", args.lora_forward]
+        cmd += ["--bf16-rounding", args.bf16_rounding]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(
