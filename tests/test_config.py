@@ -60,6 +60,7 @@ def test_yaml_floats_in_exponent_form(tmp_path):
         ("--train.lr=-1", "train.lr"),
         ("--data.eval_ratio=1.5", "data.eval_ratio"),
         ("--train.gradient_checkpointing=maybe", "expected true or false"),
+        ("--model.dtype=float16", "model.dtype float16 with train.method full"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -304,6 +304,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.warmup_ratio: got {t.warmup_ratio}, expected 0 <= ratio < 1")
     if len(t.adam_betas) != 2:
         raise ConfigError(f"train.adam_betas: got {t.adam_betas}, expected two numbers")
+    if cfg.model.dtype == "float16" and t.method == "full":
+        # tunelab keeps no fp32 master weights and scales no loss: in fp16 small gradients underflow to
+        # zero and small updates round away, without a word.
+        raise ConfigError(
+            "model.dtype float16 with train.method full: fp16 weights would train with no fp32 master "
+            "copy and no loss scaling, so small gradients and updates would be lost",
+            "use model.dtype bfloat16 (GPUs since Ampere) or float32 (`auto` picks one), "
+            "or train an adapter over the fp16 base (train.method lora)",
+        )
     if cfg.model.init is not None and "model_type" not in cfg.model.init:
         raise ConfigError("model.init must name a model_type (e.g. llama) next to the shape fields")
     if cfg.model.init is not None and not cfg.model.tokenizer:
