@@ -144,3 +144,37 @@ def test_fast_lora_under_compile_equals_eager(llama_dir):
     for name, p in model.named_parameters():
         if p.requires_grad:  # fused differently, rounded differently: measured 1.2e-6
             assert float((p.grad - grads[name]).norm()) <= 1e-5 * float(grads[name].norm()), name
+
+
+def test_fast_lora_over_a_4bit_base_equals_peft(tokenizer, tmp_path, monkeypatch):
+    """QLoRA's layers (LoRA over bitsandbytes' NF4 base, after peft's prepare_model_for_kbit_training)
+    take the fast forward too, with PEFT's loss and gradients. On CUDA as users run it; elsewhere on
+    bitsandbytes' CPU 4-bit kernels (see test_adapters.test_qlora_trains_a_4bit_base)."""
+    bnb = pytest.importorskip("bitsandbytes", reason="pip install bitsandbytes (in the dev extra)")
+    from conftest import build_model
+    from tunelab.models import quantization_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        if tuple(int(x) for x in bnb.__version__.split(".")[:2]) < (0, 46):
+            pytest.skip("bitsandbytes < 0.46 has no CPU 4-bit kernels")
+        monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)  # see the QLoRA test
+    model_dir = build_model("llama", tokenizer, tmp_path / "llama64", width=64)  # 64: bnb's CPU block
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=quantization_config("qlora", torch.device("cuda")),
+        device_map={"": device},
+    )
+    torch.manual_seed(1)
+    model = apply_lora(model, "qlora", 8, 16, 0.0, "all-linear", [])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert count_fused(model) == len(four_bit) == 2 * 7
+    batch = collate(examples(6), varlen=attention.supported(model)).to(device)
+    loss, grads = loss_and_grads(model, batch, fast=True)
+    ref_loss, ref_grads = loss_and_grads(model, batch, fast=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    for name in grads:
+        assert float((grads[name] - ref_grads[name]).norm()) <= 1e-4 * float(ref_grads[name].norm()), name

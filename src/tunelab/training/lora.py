@@ -18,8 +18,10 @@ cast to x's dtype for the matmuls (the fp32 weights, their gradients and AdamW's
 what autocast does for PEFT under mixed precision. Equal to PEFT's forward up to rounding (fp32:
 ~1e-6; bf16: the adapter product rounded to bf16 once, before it is added).
 
-Layers that need PEFT's own forward keep it: DoRA and other LoRA variants, adapters with a bias,
-several active adapters, merged or disabled adapters, per-call adapter selection, 4/8-bit base layers.
+The same for QLoRA's layers over a 4-bit base, whose PEFT forward also copies the base output before
+adding to it (the add here is out of place). Layers that need PEFT's own forward keep it: DoRA and
+other LoRA variants, adapters with a bias, several active adapters, merged or disabled adapters,
+per-call adapter selection, 8-bit base layers.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ import torch
 import torch.nn.functional as F
 
 
-def _peft_types() -> tuple[type, type] | None:
-    """PEFT's LoRA layer base class and its plain linear layer (None without PEFT)."""
+def _peft_types() -> tuple[type, tuple[type, ...]] | None:
+    """PEFT's LoRA layer base class, and the LoRA layers `_forward` stands in for: the plain linear
+    one and, where bitsandbytes is installed, the one over a 4-bit base (QLoRA). None without PEFT."""
     try:
         from peft.tuners.lora.layer import Linear, LoraLayer
     except ImportError:
         return None
-    return LoraLayer, Linear
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except (ImportError, RuntimeError):  # no (working) bitsandbytes
+        return LoraLayer, (Linear,)
+    return LoraLayer, (Linear, Linear4bit)
 
 
 def _adapter(layer: Any) -> str | None:
@@ -56,7 +63,8 @@ def _adapter(layer: Any) -> str | None:
 
 def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = None if kwargs else _adapter(self)  # `adapter_names=...` and other options: PEFT's path
-    if name is None or self.base_layer.weight.dtype != x.dtype:
+    weight = self.base_layer.weight  # a 4-bit base's is packed integers; its output has x's dtype
+    if name is None or (weight.is_floating_point() and weight.dtype != x.dtype):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args)
     a = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
@@ -73,7 +81,7 @@ def _layers(model: Any) -> list[Any]:
     types_ = _peft_types()
     if types_ is None:
         return []
-    return [m for m in model.modules() if type(m) is types_[1] and _adapter(m) is not None]
+    return [m for m in model.modules() if type(m) in types_[1] and _adapter(m) is not None]
 
 
 @contextmanager
