@@ -71,10 +71,13 @@ class AdamW(torch.optim.Optimizer):
         self.chunk = chunk
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _generator(self, device: torch.device, step: int) -> torch.Generator:
+    def _generator(self, device: torch.device, step: int, group: int, shard: int) -> torch.Generator:
+        """Random bits for one step of one parameter group: the same on every data-parallel replica
+        (which must stay identical) and after a resume; FSDP's shards (`shard` = rank) draw their own."""
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
-        return self._generators[device].manual_seed(self.seed * 1_000_003 + step)
+        # A tuple of ints hashes the same in every process (PYTHONHASHSEED only salts str and bytes).
+        return self._generators[device].manual_seed(hash((self.seed, step, group, shard)) % 2**63)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -82,8 +85,9 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             by_kind: dict[tuple[torch.device, torch.dtype, int], list[tuple[torch.Tensor, ...]]] = {}
+            shard = 0
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -95,12 +99,14 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
+                if hasattr(p, "to_local"):  # an FSDP shard: this rank's part of the weight
+                    shard = torch.distributed.get_rank()
                 weight = _local(p)
                 grad = _local(p.grad).contiguous()
                 quad = (weight, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]))
                 by_kind.setdefault((weight.device, weight.dtype, int(state["step"])), []).append(quad)
             for (device, dtype, step), quads in by_kind.items():
-                generator = self._generator(device, step) if dtype == torch.bfloat16 else None
+                generator = self._generator(device, step, index, shard) if dtype == torch.bfloat16 else None
                 for piece in _pieces(quads, self.chunk):
                     _update(piece, group, step, generator)
         return loss
