@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from conftest import qa_rows, write_jsonl
 from tunelab import cli
 from tunelab.data.packing import PackedBatch
+from tunelab.errors import TunelabError
 from tunelab.training import distributed
 from tunelab.training.distributed import Dist
 
@@ -108,8 +109,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, llama_dir, data) -> dict[str, Path]:
     """One-process references (in this process), then one 2-process launch: DDP full, FSDP full,
-    DDP LoRA from scratch, and the one-process LoRA run resumed from its step-3 checkpoint by two
-    processes under FSDP."""
+    DDP LoRA from scratch, the one-process LoRA run resumed from its step-3 checkpoint by two
+    processes under FSDP, and DDP full in bf16."""
     root = tmp_path_factory.mktemp("dist")
     paths = {f"single-{m}": root / f"single-{m}" for m in ("full", "lora")}
     for method in ("full", "lora"):
@@ -126,6 +127,11 @@ def runs(tmp_path_factory, llama_dir, data) -> dict[str, Path]:
         paths[name] = root / name
         commands.append(train_args(llama_dir, data, paths[name], method, engine))
     commands.append(["train", "--resume", str(resumed), "--quiet"])
+    # bf16 weights: stochastic rounding in the update, which must draw alike on both replicas.
+    paths["ddp-full-bf16"] = root / "ddp-full-bf16"
+    commands.append(
+        [*train_args(llama_dir, data, paths["ddp-full-bf16"], "full", "ddp"), "--model.dtype=bfloat16"]
+    )
     (root / "runs.json").write_text(json.dumps(commands))
     driver = Path(__file__).with_name("distributed_runs.py")
     done = subprocess.run(
@@ -177,6 +183,36 @@ def test_checkpoint_of_one_process_resumes_on_two_under_fsdp(runs):
     assert "distributed: fsdp" in (run / "config.yaml").read_text()
     assert_same_training(run, runs["single-lora"])
     assert all("lora_" in k for k in weights(run))
+
+
+@pytest.mark.slow
+def test_bf16_replicas_round_alike_under_ddp(runs):
+    """The replicas' weights were compared (a checksum per rank) at the step-3 checkpoint and at the
+    end; the run finished, so they were the same, with stochastic rounding drawing on both ranks."""
+    run = runs["ddp-full-bf16"]
+    assert (run / "final").is_dir() and "bf16_rounding: stochastic" in (run / "config.yaml").read_text()
+    assert weights(run)["model.embed_tokens.weight"].dtype == torch.bfloat16
+    losses = [r["loss"] for r in logged(run) if "loss" in r]
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+
+
+def test_replicas_that_differ_stop_the_run(monkeypatch):
+    """What the check does when the ranks' weights differ (the comparison, without a launch)."""
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    mine = distributed.weights_checksum(model)
+    with torch.no_grad():
+        model.weight[0, 0] += 0.25
+    assert distributed.weights_checksum(model) != mine
+    dist = Dist(mode="ddp", rank=0, world_size=2)
+    monkeypatch.setattr(
+        distributed.tdist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, mine])
+    )
+    with pytest.raises(TunelabError, match="replicas hold different weights at the end"):
+        distributed.check_replicas(model, dist, "at the end of training")
+    monkeypatch.setattr(
+        distributed.tdist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, obj])
+    )
+    distributed.check_replicas(model, dist, "at the end of training")  # equal: nothing to say
 
 
 @pytest.mark.slow

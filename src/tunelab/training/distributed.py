@@ -194,6 +194,38 @@ def check_same_data(fingerprint: str, dist: Dist) -> None:
         )
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weights_checksum(model: Any) -> int:
+    """The trained weights' bits summed as integers (wrapping): equal weights, equal sums, whatever
+    the order of the additions."""
+    total = None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                bits = p.detach().contiguous().view(-1).view(_BITS[p.element_size()])
+                part = bits.sum(dtype=torch.int64)
+                total = part if total is None else total + part
+    return 0 if total is None else int(total)
+
+
+def check_replicas(model: Any, dist: Dist, when: str) -> None:
+    """DDP's replicas must hold the same weights: the same averaged gradients and a deterministic update
+    (the stochastic rounding into bf16 weights draws the same bits on every rank). Ranks that differ
+    trained different models, and the one rank 0 saves would be only one of them: stop, loudly."""
+    if dist.mode != "ddp" or dist.world_size == 1:
+        return
+    sums: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(sums, weights_checksum(model))
+    if len(set(sums)) > 1:
+        raise TunelabError(
+            f"the data-parallel replicas hold different weights {when} (checksums by rank: {sums})",
+            "this is a tunelab bug: please report it with RUN/config.yaml; meanwhile train on one "
+            "process or with --train.distributed=fsdp",
+        )
+
+
 def fail_for_test(step: int, dist: Dist) -> None:
     """The test hook behind FAIL_ENV: a rank that raises mid-run must stop the launch, not hang it."""
     spec = os.environ.get(FAIL_ENV)

@@ -292,6 +292,14 @@ def train(
                 with checkpoint.atomic_dir(run_dir / "best") as tmp:  # never half-written, even if killed
                     save_model(model, tokenizer, tmp, template, weights)
 
+    def replicas_agree(when: str) -> None:
+        """Several processes (DDP): every replica holds the same weights, or the run stops."""
+        try:
+            distributed.check_replicas(model, dist, when)
+        except TunelabError:
+            log.close()
+            raise
+
     plans: dict[int, list[list[list[int]]]] = {}  # the current epoch's only
 
     def epoch_plan(epoch: int) -> list[list[list[int]]]:
@@ -421,6 +429,7 @@ def train(
                 "best_step": best_step,
             }
             # Several processes: every rank helps gather the state (FSDP), rank 0 alone writes it.
+            replicas_agree(f"at step {done}")
             state = distributed.training_state(model, optimizer, dist)
             if dist.is_main:
                 checkpoint.save(
@@ -428,6 +437,7 @@ def train(
                 )
 
     # ---- finish
+    replicas_agree("at the end of training")
     run_eval(total_steps)
     if save:
         weights = distributed.full_model_state(model, dist)
