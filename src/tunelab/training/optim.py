@@ -13,8 +13,8 @@ with probabilities set by its distance to each: unbiased, so many small updates 
 would have reached (the same run: 0.313). Memory as torch's AdamW on bf16 weights (moments in the
 weight's dtype); the fp32 copies exist for one chunk of weights at a time (`CHUNK` elements).
 
-The random bits come from a generator seeded by (seed, step), so the same step rounds the same way on
-every data-parallel replica and after a resume. Weights in other dtypes (fp32 adapters, fp32 models)
+The random bits come from a generator seeded by (seed, step, parameter group), so the same step rounds
+the same way on every data-parallel replica and after a resume (FSDP's shards mix in their rank). Weights in other dtypes (fp32 adapters, fp32 models)
 get the plain update. All arithmetic runs on lists of tensors (`torch._foreach_*`): a few kernel
 launches per chunk, not per weight. FSDP's sharded weights are updated through their local shards.
 """
