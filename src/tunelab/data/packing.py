@@ -38,16 +38,27 @@ class PackedBatch:
             self.keep = (self.targets != IGNORE).any(0).nonzero().squeeze(-1)
 
     def to(self, device: torch.device | str) -> PackedBatch:
+        """The batch on `device`. To a GPU the tensors go through page-locked memory: a copy from
+        ordinary (pageable) memory may wait for the GPU to finish the work queued before it, which
+        would make the host wait for every micro-batch after a step's first."""
+        device = torch.device(device)
+        pin = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
         return PackedBatch(
-            self.input_ids.to(device, non_blocking=True),
-            self.position_ids.to(device, non_blocking=True),
-            self.targets.to(device, non_blocking=True),
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.targets),
             self.n_examples,
             self.n_tokens,
             self.n_targets,
-            None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True),
+            None if self.cu_seqlens is None else move(self.cu_seqlens),
             self.max_len,
-            self.keep.to(device, non_blocking=True),
+            move(self.keep),
         )
 
     def attention_kwargs(self) -> dict:
