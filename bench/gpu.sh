@@ -64,9 +64,12 @@ case "$part" in
       | tee "$out/peers.txt" ;;
   tests)
     python3 -m pip install -q --no-index --no-deps --find-links .peers/whl bitsandbytes 2>/dev/null
-    # The CUDA-only tests, and QLoRA + its fast LoRA forward (on CUDA here; on bitsandbytes' CPU kernels elsewhere).
+    # The CUDA-only tests, QLoRA + its fast LoRA forward (on CUDA here; on bitsandbytes' CPU kernels
+    # elsewhere), and the optimizer's CUDA path.
     { timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -8
       timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_adapters.py tests/test_lora_fast.py \
         -k "qlora or 4bit" 2>&1 | tail -8
+      # bf16 AdamW on CUDA: the Triton kernel against the list path and the exact update.
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_optim.py 2>&1 | tail -8
     } | tee "$out/gpu-tests.txt" ;;
 esac

@@ -5,7 +5,11 @@ the same run."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,7 +124,7 @@ def test_the_loop_picks_the_update_by_dtype_and_a_bf16_run_resumes_exactly(
     data = write_jsonl(tmp_path / "qa.jsonl", rows)
     run = tmp_path / "run"
     args = ["train", "--model", str(llama_dir), "--data", str(data), "--train.method=full",
-            "--model.dtype=bfloat16", f"--train.bf16_rounding={rounding}", "--train.max_steps=12",
+            "--model.dtype=bfloat16", "--model.device=cpu", f"--train.bf16_rounding={rounding}", "--train.max_steps=12",
             "--train.batch_size=4", "--train.lr=1e-4", "--train.save_every=6", "--train.eval_every=6",
             "--train.log_every=1"]  # fmt: skip
     assert cli.main([*args, "--out", str(run)]) == 0
@@ -135,3 +139,62 @@ def test_the_loop_picks_the_update_by_dtype_and_a_bf16_run_resumes_exactly(
     shutil.rmtree(resumed / "final")
     assert cli.main(["train", "--resume", str(resumed), "--quiet"]) == 0
     assert_same_run(resumed, run)
+
+
+def test_the_fused_kernel_takes_the_same_update():
+    """sr_kernel's one-kernel update (used for bf16 weights on a GPU with Triton): the moments as the
+    list path computes them (to their bf16 rounding), the new weight on one of the two bf16 values
+    around the exact AdamW result and unbiased, the same bits for the same seed. On a GPU for real;
+    elsewhere under Triton's interpreter, in a process of its own (the interpreter must be chosen
+    before Triton is first imported)."""
+    pytest.importorskip("triton", reason="Triton is the GPU's kernel language (it ships with CUDA torch)")
+    if torch.cuda.is_available():
+        check_fused_kernel("cuda")
+        return
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_optim; test_optim.check_fused_kernel('cpu')"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def check_fused_kernel(device: str) -> None:
+    from tunelab.training import optim, sr_kernel
+
+    update = sr_kernel.update_fn()
+    assert update is not None
+    torch.manual_seed(0)
+    n = 50_000
+    start = [(torch.randn(n) * 0.02), torch.randn(n), torch.randn(n) * 0.1, torch.rand(n) * 1e-2]
+    start = [t.to(torch.bfloat16).to(device) for t in start]
+    hyper = dict(beta1=0.9, beta2=0.999, lr=1e-3, decay=0.1, eps=1e-8, step=3)
+
+    fused = [t.clone() for t in start]
+    update(*fused, **hyper, seed=7)
+    again = [t.clone() for t in start]
+    update(*again, **hyper, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(fused, again))
+
+    listed = [t.clone() for t in start]
+    group = {"betas": (0.9, 0.999), "lr": 1e-3, "weight_decay": 0.1, "eps": 1e-8}
+    optim._update([tuple(listed)], group, 3, torch.Generator(device=device).manual_seed(7))
+    for a, b in zip(fused[2:], listed[2:]):  # the moments: equal to within a bf16 rounding or two
+        assert bool(((a.double() - b.double()).abs() <= 2**-7 * b.double().abs() + 1e-6).all())
+
+    w, g, m, v = (t.double() for t in start)  # the exact update, in float64
+    m = m + 0.1 * (g - m)
+    v = v * 0.999 + 0.001 * g * g
+    exact = w * (1 - 1e-3 * 0.1) - 1e-3 / (1 - 0.9**3) * m / (v.sqrt() / (1 - 0.999**3) ** 0.5 + 1e-8)
+    spacing = torch.pow(2.0, torch.frexp(exact)[1].double() - 8)  # bf16: 8 significant bits
+    error = fused[0].double() - exact
+    assert bool((error.abs() < spacing).all())  # one of the two neighbours
+    # Unbiased, measured along each weight's sign (a rounding biased towards zero cancels in a plain
+    # mean over weights of both signs): within 10 standard errors.
+    assert abs(float((error * exact.sign()).mean())) < 5 * float(spacing.mean()) / n**0.5
