@@ -198,3 +198,28 @@ def check_fused_kernel(device: str) -> None:
     # Unbiased, measured along each weight's sign (a rounding biased towards zero cancels in a plain
     # mean over weights of both signs): within 10 standard errors.
     assert abs(float((error * exact.sign()).mean())) < 5 * float(spacing.mean()) / n**0.5
+
+
+def test_a_kernel_launch_that_fails_leaves_the_rest_to_the_list_path(caplog):
+    """The dispatch around sr_kernel (a GPU's path), with a stand-in kernel: weights it updated stay
+    updated, the failing one and those after it go to the list path, and so does every later step;
+    a weight whose memory is not contiguous never reaches the kernel."""
+    weights = pairs(SHAPES, dtype=torch.bfloat16)
+    opt = AdamW(weights, lr=1e-3)
+    quads = [(w, w, w, w) for w in weights]
+    odd = torch.zeros(4, 6, dtype=torch.bfloat16).t()  # not contiguous
+    quads.insert(1, (odd, odd, odd, odd))
+    seen = []
+
+    def kernel(weight, *rest, **hyper):
+        if len(seen) == 2:
+            raise RuntimeError("no kernel image for this GPU")
+        seen.append(weight)
+
+    opt._kernel = kernel
+    group = opt.param_groups[0]
+    left = opt._fused(quads, group, 1, (0, 1, 0, 0))
+    assert [w is q[0] for w, q in zip(seen, [quads[0], quads[2]])] == [True, True]
+    assert [q[0] for q in left] == [odd] + [q[0] for q in quads[3:]]
+    assert opt._kernel is False and "using the list path" in caplog.text
+    assert opt._fused(quads, group, 2, (0, 2, 0, 0)) is quads  # for good

@@ -133,17 +133,21 @@ class AdamW(torch.optim.Optimizer):
             if self._kernel is False:
                 return quads
         beta1, beta2 = group["betas"]
-        for i, (weight, grad, exp_avg, exp_avg_sq) in enumerate(quads):
+        left = []
+        for i, quad in enumerate(quads):
+            if not all(t.is_contiguous() for t in quad):  # the kernel reads flat memory
+                left.append(quad)
+                continue
             try:
                 self._kernel(
-                    weight, grad, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, lr=group["lr"],
-                    decay=group["weight_decay"], eps=group["eps"], step=step, seed=hash((*key, i)) % 2**31,
+                    *quad, beta1=beta1, beta2=beta2, lr=group["lr"], decay=group["weight_decay"],
+                    eps=group["eps"], step=step, seed=hash((*key, i)) % 2**31,
                 )  # fmt: skip
             except Exception as e:  # noqa: BLE001 - any failure: the list path, from this weight on
                 _log.warning("the fused bf16 AdamW kernel failed (%s); using the list path instead", e)
                 self._kernel = False
-                return quads[i:]
-        return []
+                return left + quads[i:]
+        return left
 
 
 def _update(
