@@ -111,11 +111,6 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
 
 
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> str | None:
-    """For the run's first log line: says so when bf16 weights are updated with stochastic rounding."""
-    return "bf16 weights updated with stochastic rounding" if isinstance(optimizer, optim.AdamW) else None
-
-
 @contextmanager
 def _explain_out_of_memory(
     cfg: TrainConfig, device: torch.device, run_dir: Path, log: Any, where: str, optimizer: bool = False
@@ -251,7 +246,7 @@ def train(
                 f"attention {attention.describe(model)}",
                 describe_loss(model),
                 lora.describe(model),
-                describe_optimizer(optimizer),
+                optim.describe(optimizer),
                 f"compile {'on' if compiled else 'off'}",
             )
             if x

@@ -185,3 +185,8 @@ def _update(
     noise = torch.randint(0, 2**16, exact.shape, dtype=torch.int32, device=device, generator=generator)
     exact.view(torch.int32).add_(noise).bitwise_and_(-(2**16))
     torch._foreach_copy_(weights, exact_views)  # fp32 -> bf16, exact now
+
+
+def describe(optimizer: torch.optim.Optimizer) -> str | None:
+    """For the run's first log line: says so when bf16 weights are updated with stochastic rounding."""
+    return "bf16 weights updated with stochastic rounding" if isinstance(optimizer, AdamW) else None
