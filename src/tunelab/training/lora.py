@@ -7,7 +7,7 @@ fp32 and the whole adapter branch, its [tokens, out] output included, runs in fp
 is cast back: on a GPU, where these passes are limited by memory bandwidth, they can cost as much as
 the base matmul they sit beside.
 
-While tunelab trains or evaluates, plain PEFT LoRA linear layers run `_forward` instead:
+While tunelab trains or evaluates, PEFT's LoRA linear layers run `_forward` instead:
 
     a = dropout(x) @ A.T                         # [tokens, r], in x's dtype
     y = addmm(base(x), a, B.T, alpha=scaling)    # the scaled product added inside the matmul
@@ -86,8 +86,8 @@ def _layers(model: Any) -> list[Any]:
 
 @contextmanager
 def fused_lora(model: Any) -> Iterator[int]:
-    """Plain LoRA linear layers compute their adapter inside one `addmm` for the block; yields how
-    many do. PEFT's forward is back afterwards, also when the block fails."""
+    """LoRA linear layers (plain, or over a 4-bit base) compute their adapter inside one `addmm` for
+    the block; yields how many do. PEFT's forward is back afterwards, also when the block fails."""
     layers = _layers(model)
     for layer in layers:
         layer.forward = types.MethodType(_forward, layer)

@@ -1,7 +1,7 @@
 """optim.AdamW's update of a bf16 weight as one Triton kernel (CUDA, where Triton is installed).
 
-The list-of-tensors path in optim.py reads and writes each weight's bytes about 78 times per step
-(moments, the fp32 copy, the denominator, the random bits, the rounding: a dozen passes); this kernel
+The list-of-tensors path in optim.py moves about 78 bytes per weight per step (moments, the fp32
+copy, the denominator, the random bits, the rounding: a dozen passes over the weights); this kernel
 reads the weight, its gradient and both moments once and writes the weight and the moments once
 (~16 bytes per weight), drawing the random bits in registers (Philox, seeded per weight and step).
 One launch per weight. Its arithmetic is torch's AdamW's in fp32; the moments are rounded into their
