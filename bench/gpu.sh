@@ -1,75 +1,118 @@
 #!/usr/bin/env bash
-# tunelab's SFT speed beside the peers (BENCH.md) on the GPU machine, every line to $OUT.
-# NOT YET RUN: written in sessions without a GPU, for the first session that has one.
+# tunelab's SFT speed beside the peers (BENCH.md) and the CUDA-only tests, on the GPU machine, in ONE
+# device call. NOT YET RUN on a GPU: written in sessions without one, for the first session that has one.
 #
-# Here, before the calls (on the development machine, not the GPU one):
-#   bash bench/gpu.sh stage      # .peers/ = ../shared/bench + the wheels the GPU image lacks
-# Then one device call per part, in this order (each fits the 10-minute limit; the machine stays warm
-# between calls; the session's 30 device minutes cover the first four):
-#   run(command="bash bench/gpu.sh qwen0.5b", carry=[".peers"])  # full + LoRA (compiled), full with checkpointing
-#   run(command="bash bench/gpu.sh llama1b", carry=[".peers"])
-#   run(command="bash bench/gpu.sh peers", carry=[".peers"])     # TRL + Liger, both shapes
-#   run(command="bash bench/gpu.sh tests", carry=[".peers"])     # QLoRA, varlen kernel: CUDA-only tests
-#   run(command="bash bench/gpu.sh ablations", carry=[".peers"]) # if time is left: round-to-nearest AdamW,
-#          # PEFT's LoRA forward, eager, dense mask, plain head, flex on qwen0.5b (`ablations llama1b` for the other)
+# A session gets 15 minutes of device time, the machine's start (a minute or more) included, and
+# one command may run 10 minutes. So:
+#   bash bench/gpu.sh stage                                  # here: .peers/ = ../shared/bench + wheels
+#   run(command="bash bench/gpu.sh", carry=[".peers"], timeout_s=600)
+# runs the items below in order of worth, each only while BUDGET (default 540 s) lasts, each under its
+# own time limit, everything into $OUT: log.txt (all output), gpu.jsonl (tunelab's lines), the peers'
+# logs, tests.txt. Items skipped for time are named at the end; `bash bench/gpu.sh ITEM ...` runs
+# only those (a second call, if device time is left).
 #
-# DRY=1 bash bench/gpu.sh qwen0.5b|tests  runs the same commands on a CPU machine with the world model
-# for a few steps, to check the plumbing before GPU time is spent on it.
+# DRY=1 bash bench/gpu.sh [ITEM ...]  runs the same items on a CPU machine with the world model for a
+# few steps (peers: TRL without packing or Liger, which need CUDA), to check the plumbing first.
 set -u
-part=${1:?usage: bash bench/gpu.sh stage|qwen0.5b|llama1b|peers|tests|ablations [MODEL]}
-if [ "$part" = stage ]; then
+if [ "${1:-}" = stage ]; then
   grep -qx '/.peers/' .git/info/exclude || echo /.peers/ >> .git/info/exclude
-  rm -rf .peers && cp -r ../shared/bench .peers
-  # Python 3.12 wheels for the GPU image (BENCH.md's list, plus bitsandbytes for the QLoRA test).
+  rm -rf .peers && cp -r ../shared/bench .peers && chmod -R u+w .peers
+  # Python 3.12 wheels for the GPU image (BENCH.md's list, plus bitsandbytes for the QLoRA tests).
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
     -d .peers/whl trl datasets dill multiprocess liger-kernel bitsandbytes
-  ls .peers/whl; du -sh .peers
+  # bitsandbytes ships a library per CUDA release (43 MB); the image's torch is built for CUDA 13,
+  # and the working tree that travels is limited to 64 MiB: keep the CUDA 13 and CPU libraries.
+  python3 - .peers/whl/bitsandbytes-*.whl <<'EOF'
+import sys, zipfile, re, os
+src = sys.argv[1]; tmp = src + ".slim"
+drop = re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[0-2]\d|rocm\d+)\.(so|dll|dylib)$")
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+    for item in zin.infolist():
+        if drop.search(item.filename):
+            continue
+        data = zin.read(item.filename)
+        if item.filename.endswith(".dist-info/RECORD"):  # the dropped files out of the manifest too
+            data = b"\n".join(l for l in data.split(b"\n") if not drop.search(l.split(b",")[0].decode()))
+        zout.writestr(item, data)
+os.replace(tmp, src)
+EOF
+  ls -la .peers/whl; du -sh .peers; git ls-files -z | du -ch --files0-from=- | tail -1  # what travels besides
   exit
 fi
+
 out=${OUT:-/tmp/tunelab-bench}
 mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
 dry=${DRY:-}
-# ~16k real tokens per optimizer step, like the peers (44 examples x 368 tokens).
-shape() { if [ -n "$dry" ]; then echo --model world --batch 16 --steps 10; else
-  echo --model "$1" --batch 44 --micro-batch-tokens 16384; fi; }
-[ -n "$dry" ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+deadline=$((SECONDS + ${BUDGET:-540}))
 # The image has torch, transformers, peft, accelerate, rich, pyyaml: tunelab runs from src/ as it is.
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The peers' packages and bitsandbytes go to /tmp/site.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .peers/whl/*.whl 2>&1 | tail -2
+export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+[ -n "$dry" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 res="$out/gpu.jsonl"
-case "$part" in
-  qwen0.5b|llama1b)
-    # Defaults (compile on CUDA, packed varlen attention): full and LoRA; then full with activation
-    # checkpointing, the like-for-like memory comparison with TRL's default.
-    # --profile: the share of step time the GPU is busy (near 1: CUDA graphs could not help).
-    timeout 300 python3 bench/sft_speed.py $(shape "$part") --profile --results "$res" 2>&1 | tail -2
-    timeout 200 python3 bench/sft_speed.py $(shape "$part") --method full --gradient-checkpointing \
-      --results "$res" 2>&1 | tail -1 ;;
-  ablations)
-    # Each choice changed alone: torch's fused AdamW rounding to the nearest instead of stochastic
-    # rounding (the cost of the correct update); LoRA through PEFT's own forward (fp32 adapter branch)
-    # instead of the one-addmm forward; then full finetune eager, the dense-mask path, the model's own
-    # head (fp32 logits at every trained position), flex attention. One shape per call (`ablations
-    # llama1b`): twelve runs of up to 100 s would not fit one call's 10 minutes.
-    for model in ${2:-qwen0.5b}; do
-      variants=("--method full --bf16-rounding nearest" "--method lora --lora-forward peft"
-                "--method full --compile false" "--method full --attention mask" "--method full --head plain")
+skipped=()
+
+# item NAME LIMIT_S LOG|- COMMAND...: run COMMAND if at least 45 s of the budget are left, for at most
+# LIMIT_S (or what is left); LOG: its output there, and its RESULT lines here.
+item() {
+  local name=$1 limit=$2 log=$3 left=$((deadline - SECONDS)) t0=$SECONDS rc
+  shift 3
+  if [ "$left" -lt 45 ]; then skipped+=("$name"); echo "== $name: skipped, ${left} s of the budget left"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit} s, $(date +%T))"
+  if [ "$log" = - ]; then timeout "$limit" "$@"; rc=$?
+  else timeout "$limit" "$@" > "$log" 2>&1; rc=$?; grep -h '^RESULT' "$log" || tail -5 "$log"; fi
+  echo "== $name: rc=$rc after $((SECONDS - t0)) s"
+}
+
+# ~16k real tokens per optimizer step, like the peers (44 examples x 368 tokens; TRL: 4 x 4096 packed).
+if [ -n "$dry" ]; then
+  q=(--model world --batch 16 --steps 10); l=("${q[@]}"); peer=trl_nopack; pq=world; pl=world
+  export STEPS=10 BATCH=16
+else
+  q=(--model qwen0.5b --batch 44 --micro-batch-tokens 16384); l=(--model llama1b --batch 44 --micro-batch-tokens 16384)
+  peer=trl_pack_liger; pq=qwen0.5b; pl=llama1b
+  export STEPS=40
+fi
+speed=(python3 bench/sft_speed.py --results "$res")
+
+run_item() {
+  case "$1" in
+    # tunelab's defaults (compile on CUDA, packed varlen attention, fused head); --profile: the share of
+    # step time the GPU is busy (near 1: CUDA graphs could not help).
+    qwen_full) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --profile ;;
+    qwen_peer) item "$1" 200 "$out/peer_$pq.log" python3 .peers/peers_gpu.py "$peer" "$pq" ;;
+    qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora ;;
+    # QLoRA and its fast LoRA forward on CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.
+    tests) item "$1" 200 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests;
+      python3 -m pytest -q -p no:cacheprovider tests/test_adapters.py tests/test_lora_fast.py -k "qlora or 4bit";
+      python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_compiling.py' ;;
+    llama_full) item "$1" 200 - "${speed[@]}" "${l[@]}" --method full ;;
+    llama_peer) item "$1" 200 "$out/peer_$pl.log" python3 .peers/peers_gpu.py "$peer" "$pl" ;;
+    # The whole model as one graph: its warm-up (overhead_s) and steady speed against per-layer compile.
+    qwen_whole) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --compile-scope model ;;
+    # Activation checkpointing: the like-for-like memory comparison with TRL's default (which uses it).
+    qwen_gc) item "$1" 150 - "${speed[@]}" "${q[@]}" --method full --gradient-checkpointing ;;
+    llama_lora) item "$1" 150 - "${speed[@]}" "${l[@]}" --method lora ;;
+    # Each choice changed alone: round-to-nearest AdamW (the cost of stochastic rounding), PEFT's LoRA
+    # forward, eager, the dense-mask path, the model's own head, flex attention (no CPU backward).
+    ablations)
+      local variants=("--method full --bf16-rounding nearest" "--method lora --lora-forward peft"
+                      "--method full --compile false" "--method full --attention mask" "--method full --head plain")
       [ -n "$dry" ] || variants+=("--method full --attn flex_attention --attention mask")  # no CPU backward
       for extra in "${variants[@]}"; do
-        timeout 95 python3 bench/sft_speed.py $(shape "$model") $extra --results "$res" 2>&1 | tail -1
-      done
-    done ;;
-  peers)
-    OUT="$out" STEPS=40 bash .peers/run_peers.sh .peers/whl "trl_pack_liger qwen0.5b" "trl_pack_liger llama1b" \
-      | tee "$out/peers.txt" ;;
-  tests)
-    python3 -m pip install -q --no-index --no-deps --find-links .peers/whl bitsandbytes 2>/dev/null
-    # The CUDA-only tests, QLoRA + its fast LoRA forward (on CUDA here; on bitsandbytes' CPU kernels
-    # elsewhere), and the optimizer's CUDA path.
-    { timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -8
-      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_adapters.py tests/test_lora_fast.py \
-        -k "qlora or 4bit" 2>&1 | tail -8
-      # bf16 AdamW on CUDA: the Triton kernel against the list path and the exact update.
-      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_optim.py 2>&1 | tail -8
-    } | tee "$out/gpu-tests.txt" ;;
-esac
+        # shellcheck disable=SC2086  # $extra: several arguments
+        item "ablation $extra" 100 - "${speed[@]}" "${q[@]}" $extra
+      done ;;
+    *) echo "unknown item $1"; exit 2 ;;
+  esac
+}
+
+items=("$@")
+[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_peer qwen_lora tests llama_full llama_peer qwen_whole qwen_gc llama_lora ablations)
+for it in "${items[@]}"; do run_item "$it"; done
+echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"

@@ -57,7 +57,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
 
     from tunelab.config import TrainConfig
     from tunelab.models import apply_lora, count_parameters, pick_dtype
-    from tunelab.training import attention
+    from tunelab.training import attention, compiling
     from tunelab.training import lora as lora_module
     from tunelab.training import loss as loss_module
     from tunelab.training.loop import train
@@ -70,6 +70,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         attention.supported = lambda model: False  # keep transformers' own SDPA + dense mask
     if args.head == "plain":
         loss_module._returns_head_output = lambda base, head: False  # keep the model's own head
+    compiling.SCOPE = args.compile_scope
     if args.lora_forward == "peft":
         lora_module._layers = lambda model: []  # every LoRA layer keeps PEFT's forward
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
@@ -87,7 +88,9 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         gradient_checkpointing=args.gradient_checkpointing, method=args.method, bf16_rounding=args.bf16_rounding,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
         train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
+        wall = time.perf_counter() - started
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     busy = gpu_busy_share(model, examples, train_cfg) if args.profile and device.type == "cuda" else None
     steps = [r for r in records if "loss" in r and r["step"] > WARM]
@@ -98,6 +101,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     return {
         "config": f"tunelab_{args.method}"
         + ("_compile" if compiled else "")
+        + ("_whole" if compiled and args.compile_scope == "model" else "")
         + ("_mask" if args.attention == "mask" else "")
         + ("_plainhead" if args.head == "plain" else "")
         + (f"_{args.attn}" if args.attn != "sdpa" else "")
@@ -116,6 +120,9 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         "mfu_6N_vs_989T": round(6 * total * tps / 989e12, 3) if device.type == "cuda" else None,
         # What the loop logs: CUDA allocations on a GPU, the process's peak RSS on a CPU.
         "peak_mem_GiB": round(max(r["peak_mem_gib"] for r in steps), 2),
+        # train()'s wall time beyond what its steps would take at the steady speed: compiling, the
+        # memory probe (GPU), setup. What a user waits for on top of the tokens.
+        "overhead_s": round(wall - seconds / len(steps) * args.steps, 1),
         "mean_example_tokens": round(sum(len(e.input_ids) for e in examples) / len(examples), 1),
         **({"gpu_busy_share": busy} if busy is not None else {}),
     }
@@ -203,6 +210,12 @@ def main() -> None:
         help="fused = the adapter added inside one addmm (default); peft = PEFT's own LoRA forward",
     )
     p.add_argument(
+        "--compile-scope",
+        choices=["layers", "model"],
+        default="layers",
+        help="compiled runs: each decoder layer in place (default) or the whole model as one graph",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="GPU only: also report the share of step time the GPU is busy"
     )
     p.add_argument(
@@ -226,7 +239,7 @@ def main() -> None:
                "--attention", args.attention, "--head", args.head]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
         cmd += ["--lora-dropout", str(args.lora_dropout), "--lora-forward", args.lora_forward]
-        cmd += ["--bf16-rounding", args.bf16_rounding]
+        cmd += ["--bf16-rounding", args.bf16_rounding, "--compile-scope", args.compile_scope]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(

@@ -241,6 +241,14 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's repeated decoder layers: HF models name their class in `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "_orig_mod", base)
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
 def apply_lora(
     model: Any,
     method: str,

@@ -36,6 +36,7 @@ import torch.distributed as tdist
 
 from tunelab.data.packing import PackedBatch
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import decoder_layers
 from tunelab.training import checkpoint
 
 # A collective that waits longer than this raises instead of hanging (a rank died without its
@@ -112,11 +113,8 @@ def wrap(model: Any, dist: Dist) -> Any:
     if dist.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        layers = set(getattr(base, "_no_split_modules", None) or [])  # HF names its decoder layer class
-        for module in model.modules():
-            if type(module).__name__ in layers:
-                fully_shard(module)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
         fully_shard(model)
     return model
 

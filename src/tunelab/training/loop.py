@@ -32,7 +32,7 @@ from tunelab.data.packing import PackedBatch, collate, plan_epoch, plan_eval
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.models import count_parameters, save_model
-from tunelab.training import attention, checkpoint, distributed, lora, optim
+from tunelab.training import attention, checkpoint, compiling, distributed, lora, optim
 from tunelab.training.distributed import Dist
 from tunelab.training.logger import MetricsLogger, SilentLogger
 from tunelab.training.loss import describe as describe_loss
@@ -184,7 +184,7 @@ def fast_paths(model: Any) -> Iterator[bool]:
 def _with_fast_paths(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with fast_paths(model):
+        with fast_paths(model), compiling.restored(model):
             return fn(model, *args, **kwargs)
 
     return run
@@ -215,17 +215,20 @@ def train(
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 10)
     seed_everything(cfg.seed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed it (the old name warns); the GPU image's 5.17 has only the old one.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     # Several processes: `wrapped` is DDP around `model`, or `model` sharded in place by FSDP.
     wrapped = distributed.wrap(model, dist)
-    # The compiled module shares its parameters with `model`: optimise and save `model`, run `forward`.
-    # dynamic=True because packed micro-batches change shape from step to step.
-    # auto: on CUDA, except over bitsandbytes' 4-bit layers (QLoRA): compiling those is untested here.
+    # Compiled: each decoder layer in place (training/compiling.py); optimise and save `model`, run
+    # `forward`. auto: on CUDA, except over bitsandbytes' 4-bit layers (QLoRA): untested compiled.
     compiled = cfg.compile is True or (
         cfg.compile == "auto" and device.type == "cuda" and cfg.method != "qlora"
     )
-    forward = torch.compile(wrapped, dynamic=True) if compiled else wrapped
+    forward = compiling.for_training(wrapped, model) if compiled else wrapped
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -247,7 +250,7 @@ def train(
                 describe_loss(model),
                 lora.describe(model),
                 optim.describe(optimizer),
-                f"compile {'on' if compiled else 'off'}",
+                compiling.describe(compiled, model),
             )
             if x
         )

@@ -1,0 +1,61 @@
+"""torch.compile for training: each decoder layer compiled in place, not the whole model at once.
+
+A decoder is one layer class repeated N times. Compiled layer by layer, the layers share one compiled
+graph (torch.compile inlines module attributes, so the parameters are graph inputs, not constants):
+the warm-up compiles one layer's forward and backward instead of all N, and stays about the same as
+N grows. Compiled as one graph, the whole model's Python is traced and Inductor works through N
+copies of the layer. On the world model (4 layers, 2 CPU cores; `bench/results/cpu_world.md`) the
+first step took 11 s instead of 45 s cold (1 s instead of 14 s with Inductor's on-disk cache warm).
+What is left out of the graphs: the embedding, the final norm, the rotary tables and the loss head
+(compiled or not, tunelab's fused head runs eagerly).
+
+The layers are compiled in place (`nn.Module.compile`), so parameter names, state dicts, DDP and FSDP
+see the model unchanged; the layers run eagerly again after training (`restored`). A model whose decoder layers cannot
+be found (no `_no_split_modules`, the class name HF models declare them by) is compiled whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from tunelab.models import decoder_layers
+
+# "layers" (default) or "model": what `for_training` compiles; bench/sft_speed.py --compile-scope sets it.
+SCOPE = "layers"
+
+
+def for_training(module: Any, model: Any) -> Callable[..., Any]:
+    """What to run forward through: `module` (the model, or DDP around it) with `model`'s decoder
+    layers compiled in place, or `module` compiled whole where none are found (or SCOPE says so).
+    `restored` undoes the in-place part."""
+    found = decoder_layers(model) if SCOPE == "layers" else []
+    if not found:
+        return torch.compile(module, dynamic=True)  # packed rows change length from step to step
+    for layer in found:
+        layer.compile(dynamic=True)
+    return module
+
+
+@contextmanager
+def restored(model: Any) -> Iterator[None]:
+    """Decoder layers that `for_training` compiled during the block run eagerly again afterwards (layers
+    compiled before it stay as they were)."""
+    before = {id(m) for m in decoder_layers(model) if m._compiled_call_impl is not None}
+    try:
+        yield
+    finally:
+        for layer in decoder_layers(model):
+            if id(layer) not in before:
+                layer._compiled_call_impl = None  # what nn.Module.compile sets: back to eager
+
+
+def describe(compiled: bool, model: Any) -> str:
+    """What is compiled, for the run's first log line."""
+    if not compiled:
+        return "compile off"
+    found = decoder_layers(model) if SCOPE == "layers" else []
+    return f"compile on (each of {len(found)} decoder layers)" if found else "compile on (whole model)"

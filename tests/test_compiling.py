@@ -1,0 +1,100 @@
+"""training/compiling.py: a compiled run compiles each decoder layer in place (one graph shared by
+the layers), trains as the eager run does, and leaves the model eager afterwards, also when it fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from test_packing import examples
+from tunelab.config import TrainConfig
+from tunelab.models import apply_lora, decoder_layers
+from tunelab.training import compiling
+from tunelab.training.loop import train
+
+
+def run(path, tmp_path, compile: bool, method: str = "full", **settings):
+    """Eight steps on a tiny Llama: the model and its metrics."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if method == "lora":
+        model = apply_lora(model, "lora", 8, 16, 0.0, "all-linear", [])
+    cfg = TrainConfig(
+        lr=3e-3, max_steps=8, batch_size=4, log_every=1, eval_every=4, seed=0, compile=compile, method=method,
+        **settings,
+    )  # fmt: skip
+    out = tmp_path / f"run-{compile}-{method}"
+    out.mkdir()
+    train(model, None, examples(32, seed=2), examples(6, seed=3), cfg, out, quiet=True, save=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return model, records
+
+
+def losses(records, key="loss"):
+    return torch.tensor([r[key] for r in records if key in r])
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [("full", {}), ("lora", {}), ("full", {"gradient_checkpointing": True})],
+    ids=["full", "lora", "checkpointing"],
+)
+def test_compiled_layers_train_as_eager_does(llama_dir, tmp_path, method, settings):
+    eager_model, eager = run(llama_dir, tmp_path, False, method, **settings)
+    model, compiled = run(llama_dir, tmp_path, True, method, **settings)
+    # Inductor fuses and orders the float arithmetic differently: rounding apart, over eight updates.
+    torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        losses(compiled, "eval_loss"), losses(eager, "eval_loss"), rtol=1e-4, atol=1e-5
+    )
+    layers = decoder_layers(model)
+    assert layers and all(layer._compiled_call_impl is None for layer in layers)  # eager again
+    for (name, a), (_, b) in zip(model.named_parameters(), eager_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_the_layers_share_one_compiled_graph(llama_dir):
+    """Compiled layer by layer, the warm-up compiles one layer, not N: the layers' forward code is
+    traced once (parameters are graph inputs), whatever the number of layers."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    layers = decoder_layers(model)
+    assert len(layers) >= 2
+    with compiling.restored(model):
+        forward = compiling.for_training(model, model)
+        assert forward is model  # compiled in place: the same module, the same parameter names
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        forward(input_ids=ids, use_cache=False).logits.sum().backward()
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_a_failed_run_leaves_the_layers_eager_and_user_compiled_ones_alone(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    layers = decoder_layers(model)
+    layers[0].compile()  # the user's own
+    with pytest.raises(RuntimeError, match="boom"), compiling.restored(model):
+        compiling.for_training(model, model)
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        raise RuntimeError("boom")
+    assert layers[0]._compiled_call_impl is not None
+    assert all(layer._compiled_call_impl is None for layer in layers[1:])
+
+
+def test_without_decoder_layers_the_whole_model_is_compiled(llama_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    n = len(decoder_layers(model))
+    assert compiling.describe(True, model) == f"compile on (each of {n} decoder layers)"
+    assert compiling.describe(False, model) == "compile off"
+    monkeypatch.setattr(model, "_no_split_modules", [])
+    assert compiling.describe(True, model) == "compile on (whole model)"
+    whole = compiling.for_training(model, model)
+    assert whole is not model and whole._orig_mod is model
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
