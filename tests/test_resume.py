@@ -295,7 +295,7 @@ def test_the_largest_micro_batch_runs_first_on_a_gpu_so_memory_fails_fast(
     assert cli.main(args) == 0
     out = capsys.readouterr()
     assert re.search(
-        r"checking that the largest micro-batch \(\d+ tokens\) fits\n.*it fits: peak \d+\.\d GiB",
+        r"checking that the largest micro-batch \(\d+ tokens\) fits\n.*it fits: peak \d+\.\d GiB; \d+ s\n",
         out.err + out.out,
     )
     got, want = load_file(weights_file(tmp_path / "ok")), load_file(weights_file(reference["full"]))

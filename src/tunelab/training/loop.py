@@ -317,6 +317,7 @@ def train(
         plan = epoch_plan(start_step // steps_per_epoch)
         largest = max((mb for mbs in plan for mb in mbs), key=lambda mb: sum(lengths[i] for i in mb))
         batch = collate([train_examples[i] for i in largest], varlen).to(device)
+        probe_start = time.perf_counter()
         log.print(
             f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
             + (" (compiling the model first)" if compiled else "")
@@ -329,7 +330,8 @@ def train(
                 if loss.requires_grad:
                     loss.backward()
         optimizer.zero_grad(set_to_none=True)
-        log.print(f"it fits: {memory_text(device)}")
+        took = f"; {time.perf_counter() - probe_start:.0f} s" + (", compiling included" if compiled else "")
+        log.print(f"it fits: {memory_text(device)}{took}")
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
