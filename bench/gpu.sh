@@ -93,10 +93,10 @@ run_item() {
       python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_compiling.py' ;;
     llama_full) item "$1" 200 - "${speed[@]}" "${l[@]}" --method full ;;
     llama_peer) item "$1" 200 "$out/peer_$pl.log" python3 .peers/peers_gpu.py "$peer" "$pl" ;;
-    # The whole model as one graph: its warm-up (overhead_s) and steady speed against per-layer compile.
-    qwen_whole) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --compile-scope model ;;
     # Activation checkpointing: the like-for-like memory comparison with TRL's default (which uses it).
     qwen_gc) item "$1" 150 - "${speed[@]}" "${q[@]}" --method full --gradient-checkpointing ;;
+    # The whole model as one graph: its warm-up (overhead_s) and steady speed against per-layer compile.
+    qwen_whole) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --compile-scope model ;;
     llama_lora) item "$1" 150 - "${speed[@]}" "${l[@]}" --method lora ;;
     # Each choice changed alone: round-to-nearest AdamW (the cost of stochastic rounding), PEFT's LoRA
     # forward, eager, the dense-mask path, the model's own head, flex attention (no CPU backward).
@@ -113,6 +113,6 @@ run_item() {
 }
 
 items=("$@")
-[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_peer qwen_lora tests llama_full llama_peer qwen_whole qwen_gc llama_lora ablations)
+[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_peer qwen_lora tests llama_full llama_peer qwen_gc qwen_whole llama_lora ablations)
 for it in "${items[@]}"; do run_item "$it"; done
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"
