@@ -87,8 +87,9 @@ run_item() {
     qwen_full) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --profile ;;
     qwen_peer) item "$1" 200 "$out/peer_$pq.log" python3 .peers/peers_gpu.py "$peer" "$pq" ;;
     qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora ;;
-    # QLoRA and its fast LoRA forward on CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.
-    tests) item "$1" 200 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests;
+    # The whole loop on CUDA with its defaults (test_cuda_train), QLoRA and its fast LoRA forward on
+    # CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.
+    tests) item "$1" 240 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests;
       python3 -m pytest -q -p no:cacheprovider tests/test_adapters.py tests/test_lora_fast.py -k "qlora or 4bit";
       python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_compiling.py' ;;
     llama_full) item "$1" 200 - "${speed[@]}" "${l[@]}" --method full ;;

@@ -243,3 +243,25 @@ def test_the_done_line_reports_speed_and_memory(llama_dir, qa_file, tmp_path, ca
     expected = sum(r["tokens"] for r in steps) / sum(r["tokens"] / r["tokens_per_s"] for r in steps)
     assert int(done[1].replace(",", "")) == pytest.approx(expected, rel=0.01)
     assert float(done[2]) == pytest.approx(steps[-1]["peak_mem_gib"], abs=0.1)
+
+
+def test_the_eta_leaves_out_a_slow_first_step(monkeypatch, llama_dir, qa_file, tmp_path):
+    """The first step may compile (CPU, `train.compile: true`): the remaining time is estimated from
+    the steps after it, not stretched by it."""
+    import time
+
+    from tunelab.training import loop
+
+    real, calls = loop.loss_sum, []
+
+    def first_slow(model, batch):
+        if torch.is_grad_enabled() and not any(calls):
+            time.sleep(1.0)  # as a first step that compiles
+        calls.append(torch.is_grad_enabled())
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "loss_sum", first_slow)
+    run = fit(llama_dir, qa_file, tmp_path / "run", max_steps=6, eval_every=0)
+    steps = [r for r in metrics(run.path) if "loss" in r]
+    assert steps[0]["elapsed_s"] >= 1.0 and steps[0]["eta_s"] >= 5.0  # one step known: it is the guess
+    assert steps[2]["eta_s"] < 0.5, steps[2]  # 3 steps left at the later steps' pace, not 1 s each

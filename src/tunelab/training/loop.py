@@ -338,6 +338,7 @@ def train(
 
     # ---- train
     t0 = time.perf_counter()
+    first_step_s = 0.0  # this process's first step (compiling, on a CPU): left out of the ETA
     window_tokens, window_time, loss_value, tokens_per_s = 0, 0.0, math.nan, 0.0
     run_tokens, run_time = 0, 0.0
     if device.type == "cuda":
@@ -395,6 +396,8 @@ def train(
         window_time += time.perf_counter() - tick
         window_tokens += sum(b.n_tokens for b in micro_batches)
         run_time += time.perf_counter() - tick
+        if step == start_step:
+            first_step_s = time.perf_counter() - t0
         run_tokens += sum(b.n_tokens for b in micro_batches)
         loss_value = step_loss
         done = step + 1
@@ -411,7 +414,9 @@ def train(
                 "tokens": window_tokens,  # real tokens since the last log line
                 "tokens_per_s": tokens_per_s,
                 "elapsed_s": elapsed,
-                "eta_s": elapsed / (done - start_step) * (total_steps - done),
+                "eta_s": (elapsed - first_step_s) / max(done - start_step - 1, 1) * (total_steps - done)
+                if done - start_step > 1
+                else elapsed * (total_steps - done),
                 "mfu": flops_per_token * tokens_per_s / peak if peak else None,
                 "peak_mem_gib": peak_memory_gib(device),
             }
