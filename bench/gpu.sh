@@ -91,7 +91,7 @@ run_item() {
     # CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.
     tests) item "$1" 240 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests;
       python3 -m pytest -q -p no:cacheprovider tests/test_adapters.py tests/test_lora_fast.py -k "qlora or 4bit";
-      python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_compiling.py' ;;
+      python3 -m pytest -q -p no:cacheprovider tests/test_optim.py' ;;
     llama_full) item "$1" 200 - "${speed[@]}" "${l[@]}" --method full ;;
     llama_peer) item "$1" 200 "$out/peer_$pl.log" python3 .peers/peers_gpu.py "$peer" "$pl" ;;
     # Activation checkpointing: the like-for-like memory comparison with TRL's default (which uses it).
