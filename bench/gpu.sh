@@ -94,16 +94,18 @@ run_item() {
       python3 -m pytest -q -p no:cacheprovider tests/test_optim.py' ;;
     llama_full) item "$1" 200 - "${speed[@]}" "${l[@]}" --method full ;;
     llama_peer) item "$1" 200 "$out/peer_$pl.log" python3 .peers/peers_gpu.py "$peer" "$pl" ;;
+    # Eager: what compiling gains per token, against its warm-up (overhead_s), for `compile: auto`.
+    qwen_eager) item "$1" 150 - "${speed[@]}" "${q[@]}" --method full --compile false ;;
     # Activation checkpointing: the like-for-like memory comparison with TRL's default (which uses it).
     qwen_gc) item "$1" 150 - "${speed[@]}" "${q[@]}" --method full --gradient-checkpointing ;;
     # The whole model as one graph: its warm-up (overhead_s) and steady speed against per-layer compile.
     qwen_whole) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --compile-scope model ;;
     llama_lora) item "$1" 150 - "${speed[@]}" "${l[@]}" --method lora ;;
     # Each choice changed alone: round-to-nearest AdamW (the cost of stochastic rounding), PEFT's LoRA
-    # forward, eager, the dense-mask path, the model's own head, flex attention (no CPU backward).
+    # forward, the dense-mask path, the model's own head, flex attention (no CPU backward).
     ablations)
       local variants=("--method full --bf16-rounding nearest" "--method lora --lora-forward peft"
-                      "--method full --compile false" "--method full --attention mask" "--method full --head plain")
+                      "--method full --attention mask" "--method full --head plain")
       [ -n "$dry" ] || variants+=("--method full --attn flex_attention --attention mask")  # no CPU backward
       for extra in "${variants[@]}"; do
         # shellcheck disable=SC2086  # $extra: several arguments
@@ -114,6 +116,6 @@ run_item() {
 }
 
 items=("$@")
-[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_peer qwen_lora tests llama_full llama_peer qwen_gc qwen_whole llama_lora ablations)
+[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_peer qwen_lora tests llama_full llama_peer qwen_eager qwen_gc qwen_whole llama_lora ablations)
 for it in "${items[@]}"; do run_item "$it"; done
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"
