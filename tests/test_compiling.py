@@ -66,7 +66,7 @@ def test_the_layers_share_one_compiled_graph(llama_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     layers = decoder_layers(model)
     assert len(layers) >= 2
-    with compiling.restored(model):
+    with compiling.scope(model):
         forward = compiling.for_training(model, model)
         assert forward is model  # compiled in place: the same module, the same parameter names
         ids = torch.tensor([[5, 6, 7, 8, 9]])
@@ -80,7 +80,7 @@ def test_a_failed_run_leaves_the_layers_eager_and_user_compiled_ones_alone(llama
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     layers = decoder_layers(model)
     layers[0].compile()  # the user's own
-    with pytest.raises(RuntimeError, match="boom"), compiling.restored(model):
+    with pytest.raises(RuntimeError, match="boom"), compiling.scope(model):
         compiling.for_training(model, model)
         assert all(layer._compiled_call_impl is not None for layer in layers)
         raise RuntimeError("boom")
@@ -98,3 +98,11 @@ def test_without_decoder_layers_the_whole_model_is_compiled(llama_dir, monkeypat
     whole = compiling.for_training(model, model)
     assert whole is not model and whole._orig_mod is model
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+
+
+def test_training_makes_room_for_the_layers_graphs_and_gives_it_back(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    before = torch._dynamo.config.recompile_limit
+    with compiling.scope(model):
+        assert torch._dynamo.config.recompile_limit >= compiling.RECOMPILE_LIMIT > before
+    assert torch._dynamo.config.recompile_limit == before

@@ -110,7 +110,7 @@ def data(tmp_path_factory) -> Path:
 def runs(tmp_path_factory, llama_dir, data) -> dict[str, Path]:
     """One-process references (in this process), then one 2-process launch: DDP full, FSDP full,
     DDP LoRA from scratch, the one-process LoRA run resumed from its step-3 checkpoint by two
-    processes under FSDP, and DDP full in bf16."""
+    processes under FSDP, DDP full in bf16, and FSDP full with compiled layers."""
     root = tmp_path_factory.mktemp("dist")
     paths = {f"single-{m}": root / f"single-{m}" for m in ("full", "lora")}
     for method in ("full", "lora"):
@@ -131,6 +131,11 @@ def runs(tmp_path_factory, llama_dir, data) -> dict[str, Path]:
     paths["ddp-full-bf16"] = root / "ddp-full-bf16"
     commands.append(
         [*train_args(llama_dir, data, paths["ddp-full-bf16"], "full", "ddp"), "--model.dtype=bfloat16"]
+    )
+    # train.compile (on by default on CUDA): each decoder layer compiled, sharded by FSDP.
+    paths["fsdp-full-compiled"] = root / "fsdp-full-compiled"
+    commands.append(
+        [*train_args(llama_dir, data, paths["fsdp-full-compiled"], "full", "fsdp"), "--train.compile=true"]
     )
     (root / "runs.json").write_text(json.dumps(commands))
     driver = Path(__file__).with_name("distributed_runs.py")
@@ -194,6 +199,23 @@ def test_bf16_replicas_round_alike_under_ddp(runs):
     assert weights(run)["model.embed_tokens.weight"].dtype == torch.bfloat16
     losses = [r["loss"] for r in logged(run) if "loss" in r]
     assert len(losses) == STEPS and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_fsdp_train_like_one_eager_process(runs):
+    """Each decoder layer compiled and sharded: the same steps, losses and weights as the one eager
+    process, to fp32 rounding (Inductor orders the float sums its own way)."""
+    run, reference = runs["fsdp-full-compiled"], runs["single-full"]
+    got, want = logged(run), logged(reference)
+    assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
+    for g, w in zip(got, want):
+        for key in ("loss", "eval_loss"):
+            if w.get(key) is not None:
+                assert g[key] == pytest.approx(w[key], rel=1e-4), (g["step"], key)
+    a, b = weights(run), weights(reference)
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def test_replicas_that_differ_stop_the_run(monkeypatch):

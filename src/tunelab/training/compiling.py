@@ -10,7 +10,7 @@ What is left out of the graphs: the embedding, the final norm, the rotary tables
 (compiled or not, tunelab's fused head runs eagerly).
 
 The layers are compiled in place (`nn.Module.compile`), so parameter names, state dicts, DDP and FSDP
-see the model unchanged; the layers run eagerly again after training (`restored`). A model whose decoder layers cannot
+see the model unchanged; the layers run eagerly again after training (`scope`). A model whose decoder layers cannot
 be found (no `_no_split_modules`, the class name HF models declare them by) is compiled whole.
 """
 
@@ -31,7 +31,7 @@ SCOPE = "layers"
 def for_training(module: Any, model: Any) -> Callable[..., Any]:
     """What to run forward through: `module` (the model, or DDP around it) with `model`'s decoder
     layers compiled in place, or `module` compiled whole where none are found (or SCOPE says so).
-    `restored` undoes the in-place part."""
+    `scope` undoes the in-place part."""
     found = decoder_layers(model) if SCOPE == "layers" else []
     if not found:
         return torch.compile(module, dynamic=True)  # packed rows change length from step to step
@@ -40,14 +40,25 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
     return module
 
 
+# Graphs one decoder layer's code may get before torch gives up compiling it (torch's default: 8).
+# A LoRA run alone makes six (training and evaluation; the first layer, whose input needs no
+# gradient, apart; a micro-batch of one example apart), and the layer code is shared by every model
+# of that class in the process: a second run would fall back to eager, silently slower.
+RECOMPILE_LIMIT = 64
+
+
 @contextmanager
-def restored(model: Any) -> Iterator[None]:
-    """Decoder layers that `for_training` compiled during the block run eagerly again afterwards (layers
-    compiled before it stay as they were)."""
+def scope(model: Any) -> Iterator[None]:
+    """For the block: room for the compiled layers' graphs (RECOMPILE_LIMIT); afterwards the decoder
+    layers that `for_training` compiled run eagerly again (layers compiled before it stay so)."""
+    config = torch._dynamo.config
+    limit = config.recompile_limit
+    config.recompile_limit = max(limit, RECOMPILE_LIMIT)
     before = {id(m) for m in decoder_layers(model) if m._compiled_call_impl is not None}
     try:
         yield
     finally:
+        config.recompile_limit = limit
         for layer in decoder_layers(model):
             if id(layer) not in before:
                 layer._compiled_call_impl = None  # what nn.Module.compile sets: back to eager

@@ -184,7 +184,7 @@ def fast_paths(model: Any) -> Iterator[bool]:
 def _with_fast_paths(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with fast_paths(model), compiling.restored(model):
+        with fast_paths(model), compiling.scope(model):
             return fn(model, *args, **kwargs)
 
     return run
