@@ -86,18 +86,25 @@ def logged(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_training(run: Path, reference: Path) -> None:
-    """The same logged steps and evaluations with losses within fp32 rounding, and the same weights."""
+def assert_same_training(
+    run: Path,
+    reference: Path,
+    keys: tuple[str, ...] = ("loss", "eval_loss", "grad_norm", "lr"),
+    weight_tolerance: tuple[float, float] = (1e-4, 1e-5),
+) -> None:
+    """The same logged steps and evaluations with losses within fp32 rounding, and the same weights
+    (to `weight_tolerance`: rtol, atol)."""
     got, want = logged(run), logged(reference)
     assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
     for g, w in zip(got, want):
-        for key in ("loss", "eval_loss", "grad_norm", "lr"):
+        for key in keys:
             if w.get(key) is not None:
                 assert g[key] == pytest.approx(w[key], rel=1e-4), (g["step"], key)
     a, b = weights(run), weights(reference)
     assert a.keys() == b.keys()
+    rtol, atol = weight_tolerance
     for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -206,16 +213,7 @@ def test_compiled_layers_under_fsdp_train_like_one_eager_process(runs):
     """Each decoder layer compiled and sharded: the same steps, losses and weights as the one eager
     process, to fp32 rounding (Inductor orders the float sums its own way)."""
     run, reference = runs["fsdp-full-compiled"], runs["single-full"]
-    got, want = logged(run), logged(reference)
-    assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
-    for g, w in zip(got, want):
-        for key in ("loss", "eval_loss"):
-            if w.get(key) is not None:
-                assert g[key] == pytest.approx(w[key], rel=1e-4), (g["step"], key)
-    a, b = weights(run), weights(reference)
-    assert a.keys() == b.keys()
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    assert_same_training(run, reference, ("loss", "eval_loss"), weight_tolerance=(1e-3, 1e-4))
 
 
 def test_replicas_that_differ_stop_the_run(monkeypatch):
