@@ -8,7 +8,8 @@
 #   run(command="bash bench/gpu.sh", carry=[".peers"], timeout_s=600)
 # runs the items below in order of worth, each only while BUDGET (default 540 s) lasts, each under its
 # own time limit, everything into $OUT: log.txt (all output), gpu.jsonl (tunelab's lines), the peers'
-# logs, tests.txt. Items skipped for time are named at the end; `bash bench/gpu.sh ITEM ...` runs
+# logs, tests.txt, and summary.md (bench/summarize.py: every line beside the peer's, with the ratio,
+# printed last). Items skipped for time are named at the end; `bash bench/gpu.sh ITEM ...` runs
 # only those (a second call, if device time is left).
 #
 # DRY=1 bash bench/gpu.sh [ITEM ...]  runs the same items on a CPU machine with the world model for a
@@ -118,4 +119,5 @@ run_item() {
 items=("$@")
 [ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_peer qwen_lora tests llama_full llama_peer qwen_eager qwen_gc qwen_whole llama_lora ablations)
 for it in "${items[@]}"; do run_item "$it"; done
+python3 bench/summarize.py "$out" | tee "$out/summary.md"
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"

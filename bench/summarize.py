@@ -1,0 +1,65 @@
+"""One table from a bench/gpu.sh call: tunelab's lines beside the peer's (TRL+Liger on a GPU), ratios and
+BENCH.md's targets.
+
+    python bench/summarize.py OUT_DIR      # gpu.jsonl (tunelab) and peer_*.log (RESULT lines)
+
+Printed at the end of the call, so the figures are in the call's output even if no file comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TARGETS = {"qwen0.5b": 80_000, "llama1b": 55_000}  # BENCH.md: full finetune, real tokens/s
+
+
+def load(out: Path) -> tuple[list[dict], dict[str, dict]]:
+    ours = [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines() if line.strip()]
+    peers = {}
+    for log in sorted(out.glob("peer_*.log")):
+        for line in log.read_text().splitlines():
+            if line.startswith("RESULT "):
+                row = json.loads(line[len("RESULT ") :])
+                peers[row["model"]] = row
+    return ours, peers
+
+
+def table(ours: list[dict], peers: dict[str, dict]) -> str:
+    lines = [
+        "| model | configuration | real tokens/s | × the peer | MFU | peak GiB | overhead s | GPU busy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, peer in peers.items():
+        lines.append(
+            f"| {model} | {peer['config']}{' (checkpointing)' if peer.get('grad_ckpt') else ''} | "
+            f"{peer['real_tokens_per_s']:,} | 1.00 | {peer.get('mfu_6N_vs_989T')} | {peer.get('peak_mem_GiB')} | | |"
+        )
+    for row in ours:
+        if "error" in row:
+            lines.append(
+                f"| {row.get('model', '?')} | {row['config']} | failed: {row['error'][-120:]!r} | | | | | |"
+            )
+            continue
+        peer = peers.get(row["model"])
+        ratio = f"{row['real_tokens_per_s'] / peer['real_tokens_per_s']:.2f}" if peer else ""
+        lines.append(
+            f"| {row['model']} | {row['config']} | {row['real_tokens_per_s']:,} | {ratio} | "
+            f"{row.get('mfu_6N_vs_989T')} | {row.get('peak_mem_GiB')} | {row.get('overhead_s', '')} | "
+            f"{row.get('gpu_busy_share', '')} |"
+        )
+    lines.append("")
+    for model, target in TARGETS.items():
+        full = [r for r in ours if r.get("model") == model and r.get("config") == "tunelab_full_compile"]
+        if full:
+            got = full[0]["real_tokens_per_s"]
+            lines.append(
+                f"{model} full finetune: {got:,} real tokens/s, target {target:,} ({got / target:.0%})"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/tunelab-bench")
+    print(table(*load(out)))
