@@ -16,7 +16,8 @@ TARGETS = {"qwen0.5b": 80_000, "llama1b": 55_000}  # BENCH.md: full finetune, re
 
 
 def load(out: Path) -> tuple[list[dict], dict[str, dict]]:
-    ours = [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines() if line.strip()]
+    lines = (out / "gpu.jsonl").read_text().splitlines() if (out / "gpu.jsonl").exists() else []
+    ours = [json.loads(line) for line in lines if line.strip()]
     peers = {}
     for log in sorted(out.glob("peer_*.log")):
         for line in log.read_text().splitlines():
