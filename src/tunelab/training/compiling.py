@@ -10,8 +10,9 @@ What is left out of the graphs: the embedding, the final norm, the rotary tables
 (compiled or not, tunelab's fused head runs eagerly).
 
 The layers are compiled in place (`nn.Module.compile`), so parameter names, state dicts, DDP and FSDP
-see the model unchanged; the layers run eagerly again after training (`scope`). A model whose decoder layers cannot
-be found (no `_no_split_modules`, the class name HF models declare them by) is compiled whole.
+see the model unchanged; the layers run eagerly again after training (`scope`). A model whose decoder
+layers cannot be found (no `_no_split_modules`, the class name HF models declare them by) is compiled
+whole.
 """
 
 from __future__ import annotations

@@ -396,9 +396,9 @@ def train(
         window_time += time.perf_counter() - tick
         window_tokens += sum(b.n_tokens for b in micro_batches)
         run_time += time.perf_counter() - tick
+        run_tokens += sum(b.n_tokens for b in micro_batches)
         if step == start_step:
             first_step_s = time.perf_counter() - t0
-        run_tokens += sum(b.n_tokens for b in micro_batches)
         loss_value = step_loss
         done = step + 1
 
