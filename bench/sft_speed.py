@@ -89,7 +89,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
+        result = train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
         wall = time.perf_counter() - started
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     busy = gpu_busy_share(model, examples, train_cfg) if args.profile and device.type == "cuda" else None
@@ -100,7 +100,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     tps = tokens / seconds
     return {
         "config": f"tunelab_{args.method}"
-        + ("_compile" if compiled else "")
+        + ("_compile" if result.compiled else "_compilefailed" if compiled else "")
         + ("_whole" if compiled and args.compile_scope == "model" else "")
         + ("_mask" if args.attention == "mask" else "")
         + ("_plainhead" if args.head == "plain" else "")

@@ -11,12 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from test_packing import examples
 from tunelab.config import TrainConfig
+from tunelab.errors import TunelabError
 from tunelab.models import apply_lora, decoder_layers
-from tunelab.training import compiling
+from tunelab.training import compiling, loop
 from tunelab.training.loop import train
 
 
-def run(path, tmp_path, compile: bool, method: str = "full", **settings):
+def run(path, tmp_path, compile, method: str = "full", **settings):
     """Eight steps on a tiny Llama: the model and its metrics."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -106,3 +107,35 @@ def test_training_makes_room_for_the_layers_graphs_and_gives_it_back(llama_dir):
     with compiling.scope(model):
         assert torch._dynamo.config.recompile_limit >= compiling.RECOMPILE_LIMIT > before
     assert torch._dynamo.config.recompile_limit == before
+
+
+attempts: list[int] = []
+
+
+def broken_compiler(graph, example_inputs):
+    attempts.append(1)
+    raise RuntimeError("no C++ compiler found")  # as Inductor says where it cannot build its kernels
+
+
+def test_a_compiler_that_fails_says_what_to_do(llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(compiling, "BACKEND", broken_compiler)
+    torch._dynamo.reset()
+    with pytest.raises(TunelabError, match="torch.compile failed: .*no C\\+\\+ compiler found") as e:
+        run(llama_dir, tmp_path, True)
+    assert "train.compile: false" in e.value.hint
+
+
+def test_auto_trains_without_compiling_where_compiling_fails(llama_dir, tmp_path, monkeypatch):
+    """compile: auto (on a GPU): the memory probe is the first compiled pass; where it fails, the run
+    goes on eagerly, says so, and trains exactly as an eager run does."""
+    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})  # the probe runs where a GPU's would
+    eager_model, eager = run(llama_dir, tmp_path, False)
+    monkeypatch.setattr(compiling, "BACKEND", broken_compiler)
+    monkeypatch.setattr(loop, "_compiles", lambda cfg, device: True)  # auto decides for compiling
+    torch._dynamo.reset()
+    attempts.clear()
+    model, fell_back = run(llama_dir, tmp_path, "auto")
+    assert attempts  # it did try
+    assert losses(fell_back).tolist() == losses(eager).tolist()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), eager_model.parameters()))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))

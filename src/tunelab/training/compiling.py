@@ -22,11 +22,16 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed  # Inductor's own errors (InductorError) derive from it
 
+from tunelab.errors import TunelabError
 from tunelab.models import decoder_layers
+
+FIX = "set train.compile: false (--train.compile=false) and run again"
 
 # "layers" (default) or "model": what `for_training` compiles; bench/sft_speed.py --compile-scope sets it.
 SCOPE = "layers"
+BACKEND: Any = "inductor"  # torch.compile's backend (tests stand a failing one in)
 
 
 def for_training(module: Any, model: Any) -> Callable[..., Any]:
@@ -34,10 +39,10 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
     layers compiled in place, or `module` compiled whole where none are found (or SCOPE says so).
     `scope` undoes the in-place part."""
     found = decoder_layers(model) if SCOPE == "layers" else []
-    if not found:
-        return torch.compile(module, dynamic=True)  # packed rows change length from step to step
+    if not found:  # dynamic: packed rows change length from step to step
+        return torch.compile(module, dynamic=True, backend=BACKEND)
     for layer in found:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=BACKEND)
     return module
 
 
@@ -48,16 +53,33 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
 RECOMPILE_LIMIT = 64
 
 
+def eager(module: Any, model: Any) -> Any:
+    """`module` to run forward through with nothing compiled: `model`'s decoder layers back to their
+    eager forward (what nn.Module.compile set is unset)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+    return module
+
+
+def failed(error: BaseException) -> str:
+    """The compiler's error in one line (its first line names the backend and the exception)."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    return " ".join(lines[:2])[:300] or type(error).__name__
+
+
 @contextmanager
 def scope(model: Any) -> Iterator[None]:
-    """For the block: room for the compiled layers' graphs (RECOMPILE_LIMIT); afterwards the decoder
-    layers that `for_training` compiled run eagerly again (layers compiled before it stay so)."""
+    """For the block: room for the compiled layers' graphs (RECOMPILE_LIMIT), and a compiler failure
+    raised as a TunelabError that says what to do; afterwards the decoder layers that `for_training`
+    compiled run eagerly again (layers compiled before it stay so)."""
     config = torch._dynamo.config
     limit = config.recompile_limit
     config.recompile_limit = max(limit, RECOMPILE_LIMIT)
     before = {id(m) for m in decoder_layers(model) if m._compiled_call_impl is not None}
     try:
         yield
+    except BackendCompilerFailed as e:
+        raise TunelabError(f"torch.compile failed: {failed(e)}", FIX) from e
     finally:
         config.recompile_limit = limit
         for layer in decoder_layers(model):

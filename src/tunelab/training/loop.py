@@ -60,6 +60,7 @@ class TrainResult:
     tokens_per_s: float  # over the last logged window of steps
     mean_tokens_per_s: float = 0.0  # over every step this process ran
     peak_mem_gib: float | None = None
+    compiled: bool = False  # the layers ran compiled (train.compile, and compiling worked)
 
 
 def seed_everything(seed: int) -> None:
@@ -109,6 +110,12 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     # world model); single-tensor Adam is the slow default on CPU.
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
+
+
+def _compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    """train.compile: true, or auto on CUDA except over bitsandbytes' 4-bit layers (QLoRA: untested
+    compiled)."""
+    return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda" and cfg.method != "qlora")
 
 
 @contextmanager
@@ -224,10 +231,8 @@ def train(
     # Several processes: `wrapped` is DDP around `model`, or `model` sharded in place by FSDP.
     wrapped = distributed.wrap(model, dist)
     # Compiled: each decoder layer in place (training/compiling.py); optimise and save `model`, run
-    # `forward`. auto: on CUDA, except over bitsandbytes' 4-bit layers (QLoRA): untested compiled.
-    compiled = cfg.compile is True or (
-        cfg.compile == "auto" and device.type == "cuda" and cfg.method != "qlora"
-    )
+    # `forward`.
+    compiled = _compiles(cfg, device)
     forward = compiling.for_training(wrapped, model) if compiled else wrapped
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
@@ -322,14 +327,27 @@ def train(
             f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
             + (" (compiling the model first)" if compiled else "")
         )
-        with _explain_out_of_memory(
-            cfg, device, run_dir, log, f"on the largest micro-batch ({batch.n_tokens:,} tokens)"
-        ):
-            with distributed.gradient_sync(wrapped, dist, sync=True):
-                loss = loss_sum(forward, batch)
-                if loss.requires_grad:
-                    loss.backward()
-        optimizer.zero_grad(set_to_none=True)
+
+        def fits(run: Callable[..., Any]) -> None:
+            with _explain_out_of_memory(
+                cfg, device, run_dir, log, f"on the largest micro-batch ({batch.n_tokens:,} tokens)"
+            ):
+                with distributed.gradient_sync(wrapped, dist, sync=True):
+                    loss = loss_sum(run, batch)
+                    if loss.requires_grad:
+                        loss.backward()
+            optimizer.zero_grad(set_to_none=True)
+
+        try:
+            fits(forward)
+        except compiling.BackendCompilerFailed as e:
+            if not (compiled and cfg.compile == "auto"):
+                raise  # train.compile: true: compiling.scope says what to do
+            # auto: compiling only makes training faster; where it fails here, train without it.
+            optimizer.zero_grad(set_to_none=True)
+            forward, compiled = compiling.eager(wrapped, model), False
+            log.print(f"torch.compile failed ({compiling.failed(e)}); training without it")
+            fits(forward)
         took = f"; {time.perf_counter() - probe_start:.0f} s" + (", compiling included" if compiled else "")
         log.print(f"it fits: {memory_text(device)}{took}")
 
@@ -461,4 +479,5 @@ def train(
         tokens_per_s=tokens_per_s,
         mean_tokens_per_s=run_tokens / max(run_time, 1e-9),
         peak_mem_gib=peak_memory_gib(device),
+        compiled=compiled,
     )
