@@ -60,12 +60,11 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     from tunelab.training import attention, compiling
     from tunelab.training import lora as lora_module
     from tunelab.training import loss as loss_module
-    from tunelab.training.loop import train
+    from tunelab.training.loop import compiles, train
 
     spec = dict(MODELS[args.model])
     arch = spec.pop("arch")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
     if args.attention == "mask":
         attention.supported = lambda model: False  # keep transformers' own SDPA + dense mask
     if args.head == "plain":
@@ -84,9 +83,10 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     examples = make_examples(4000, spec["vocab_size"], short=args.model == "world")
     train_cfg = TrainConfig(
         lr=1e-5, max_steps=args.steps, batch_size=args.batch, micro_batch_tokens=args.micro_batch_tokens,
-        log_every=1, eval_every=0, warmup_ratio=0.0, grad_clip=1.0, compile=compiled,
+        log_every=1, eval_every=0, warmup_ratio=0.0, grad_clip=1.0, compile={"auto": "auto", "true": True, "false": False}[args.compile],
         gradient_checkpointing=args.gradient_checkpointing, method=args.method, bf16_rounding=args.bf16_rounding,
     )  # fmt: skip
+    wanted = compiles(train_cfg, device)  # what the loop will try; result.compiled: what it did
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
@@ -100,8 +100,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     tps = tokens / seconds
     return {
         "config": f"tunelab_{args.method}"
-        + ("_compile" if result.compiled else "_compilefailed" if compiled else "")
-        + ("_whole" if compiled and args.compile_scope == "model" else "")
+        + ("_compile" if result.compiled else "_compilefailed" if wanted else "")
+        + ("_whole" if result.compiled and args.compile_scope == "model" else "")
         + ("_mask" if args.attention == "mask" else "")
         + ("_plainhead" if args.head == "plain" else "")
         + (f"_{args.attn}" if args.attn != "sdpa" else "")

@@ -131,7 +131,7 @@ def test_auto_trains_without_compiling_where_compiling_fails(llama_dir, tmp_path
     monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})  # the probe runs where a GPU's would
     eager_model, eager = run(llama_dir, tmp_path, False)
     monkeypatch.setattr(compiling, "BACKEND", broken_compiler)
-    monkeypatch.setattr(loop, "_compiles", lambda cfg, device: True)  # auto decides for compiling
+    monkeypatch.setattr(loop, "compiles", lambda cfg, device: True)  # auto decides for compiling
     torch._dynamo.reset()
     attempts.clear()
     model, fell_back = run(llama_dir, tmp_path, "auto")

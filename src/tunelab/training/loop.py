@@ -112,7 +112,7 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
 
 
-def _compiles(cfg: TrainConfig, device: torch.device) -> bool:
+def compiles(cfg: TrainConfig, device: torch.device) -> bool:
     """train.compile: true, or auto on CUDA except over bitsandbytes' 4-bit layers (QLoRA: untested
     compiled)."""
     return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda" and cfg.method != "qlora")
@@ -232,7 +232,7 @@ def train(
     wrapped = distributed.wrap(model, dist)
     # Compiled: each decoder layer in place (training/compiling.py); optimise and save `model`, run
     # `forward`.
-    compiled = _compiles(cfg, device)
+    compiled = compiles(cfg, device)
     forward = compiling.for_training(wrapped, model) if compiled else wrapped
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
@@ -432,7 +432,7 @@ def train(
                 "tokens": window_tokens,  # real tokens since the last log line
                 "tokens_per_s": tokens_per_s,
                 "elapsed_s": elapsed,
-                "eta_s": (elapsed - first_step_s) / max(done - start_step - 1, 1) * (total_steps - done)
+                "eta_s": (elapsed - first_step_s) / (done - start_step - 1) * (total_steps - done)
                 if done - start_step > 1
                 else elapsed * (total_steps - done),
                 "mfu": flops_per_token * tokens_per_s / peak if peak else None,
