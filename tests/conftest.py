@@ -122,6 +122,15 @@ def qa_rows() -> list[dict]:
     ]
 
 
+def addition_rows() -> list[dict]:
+    """48 distinct question/answer rows: "What is a plus b?" for a in 1..8, b in 1..6."""
+    return [
+        {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}."}
+        for a in range(1, 9)
+        for b in range(1, 7)
+    ]
+
+
 @pytest.fixture
 def qa_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "qa.jsonl", qa_rows())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import addition_rows, write_jsonl
 from tunelab import cli, runner
 from tunelab.config import load_config
 from tunelab.errors import ModelLoadError
@@ -19,12 +19,7 @@ from tunelab.models import quantization_config
 
 def arithmetic(path: Path, n: int = 48) -> Path:
     """Unique Q/A rows (no eval prompt repeats a train one, so the data check passes)."""
-    rows = [
-        {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}."}
-        for a in range(1, 9)
-        for b in range(1, 7)
-    ]
-    return write_jsonl(path, rows[:n])
+    return write_jsonl(path, addition_rows()[:n])
 
 
 def run_lora(model_dir: Path, data: Path, out: Path, quiet: bool = True, **values: object) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import addition_rows, write_jsonl
 from test_resume import STEPS, logged, train_args, weights_file
 from tunelab import cli
 
@@ -20,8 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_defaults_on_cuda_train_say_so_and_resume(llama_dir, tmp_path, capsys, method):
-    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}."} for a in range(1, 9) for b in range(1, 7)]  # fmt: skip
-    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    data = write_jsonl(tmp_path / "qa.jsonl", addition_rows())
     run = tmp_path / "run"
     args = train_args(llama_dir, data, run, method)
     args[args.index("--quiet")] = "--model.device=cuda"  # not quiet: the first lines are checked

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import addition_rows, write_jsonl
 from tunelab import cli, runner
 from tunelab.config import load_config
 from tunelab.data.schema import Record
@@ -94,8 +94,7 @@ def test_chat_runs_keep_the_tokenizers_chat_template(tokenizer):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, llama_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export-runs")
-    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}."} for a in range(1, 9) for b in range(1, 7)]  # fmt: skip
-    data = write_jsonl(root / "qa.jsonl", rows)
+    data = write_jsonl(root / "qa.jsonl", addition_rows())
     out = {}
     for method in ("full", "lora"):
         settings = {

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import addition_rows, write_jsonl
 from tunelab import cli, runner
 from tunelab.errors import TunelabError
 from tunelab.training import checkpoint
@@ -72,12 +72,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    rows = [
-        {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}."}
-        for a in range(1, 9)
-        for b in range(1, 7)
-    ]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", addition_rows())
 
 
 @pytest.fixture(scope="module")
