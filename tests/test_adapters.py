@@ -147,7 +147,8 @@ def test_qlora_on_cpu_says_it_needs_a_gpu(tiny_models, tmp_path, capsys):
     data = arithmetic(tmp_path / "qa.jsonl")
     out = tmp_path / "run"
     argv = ["train", "--model", str(tiny_models["llama"]), "--data", str(data), "--out", str(out)]
-    assert cli.main([*argv, "--train.method=qlora", "--quiet"]) == 2
+    # --model.device=cpu: on a GPU machine "auto" would pick CUDA, where QLoRA runs.
+    assert cli.main([*argv, "--train.method=qlora", "--model.device=cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "qlora' needs a CUDA GPU" in err and "--train.method=lora" in err
     assert not out.exists()  # refused before a run directory was made

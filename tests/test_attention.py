@@ -3,6 +3,7 @@ windows; switched on only while tunelab trains; loud when misused."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -131,32 +132,71 @@ def test_gradient_checkpointing_recomputes_the_same_packed_attention(llama_dir):
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def stand_in_varlen(calls, q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None,
+                    is_causal=None, enable_gqa=False):  # fmt: skip
+    """torch's varlen_attn contract ([tokens, heads, dim], int32 boundaries, causal or windowed
+    through its kwargs), computed per sequence with plain SDPA; records (k/v heads, window_size)."""
+    import torch.nn.functional as F
+
+    assert q.dim() == 3 and cu_q.dtype == torch.int32 and max_q == max_k
+    assert enable_gqa or k.shape[1] == q.shape[1]
+    left = window_size[0] if window_size is not None else -1
+    assert (window_size is not None) != (is_causal is not None)
+    calls.append((k.shape[1], window_size))
+    out = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        i = torch.arange(b - a)
+        mask = (i[None, :] <= i[:, None]) & ((left < 0) | (i[:, None] - i[None, :] <= left))
+        qi, ki, vi = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("takes_gqa", [True, False])
+def test_varlen_kernel_found_and_called_as_torch_exports_it(monkeypatch, takes_gqa):
+    """The kernel's lookup itself, not a pre-filled cache: a stand-in `torch.nn.attention.varlen`
+    module whose varlen_attn does or does not take `enable_gqa` (torch releases differ). Every key the
+    CUDA branch reads must come from the lookup (a missing one broke every GPU run once)."""
+    import sys
+    import types
+
+    calls = []
+    if takes_gqa:
+
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None, enable_gqa=False):
+            return stand_in_varlen(calls, q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                                   window_size=window_size, enable_gqa=enable_gqa)  # fmt: skip
+    else:
+
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None):
+            return stand_in_varlen(calls, q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                                   window_size=window_size)  # fmt: skip
+
+    monkeypatch.setitem(
+        sys.modules, "torch.nn.attention.varlen", types.SimpleNamespace(varlen_attn=varlen_attn)
+    )
+    monkeypatch.setattr(attention, "_cuda_kernel", {})
+    monkeypatch.setattr(attention, "_kernel_applies", lambda q, d: True)
+    torch.manual_seed(0)
+    lengths = [5, 9, 2]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, 4, sum(lengths), 8)
+    k, v = torch.randn(1, 2, sum(lengths), 8), torch.randn(1, 2, sum(lengths), 8)
+    out, _ = attention.packed_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=9)
+    assert calls == [(2 if takes_gqa else 4, (-1, 0))]  # the kernel ran; k/v repeated only when it must be
+    assert attention._cuda_kernel["fn"] is varlen_attn  # no fallback to the padded path
+    torch.testing.assert_close(out, attention._padded(q, k, v, cu, 9, 0.0, 0.3, None), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("signature", ["window_size+gqa", "window_size", "is_causal"])
 @pytest.mark.parametrize("window", [None, 5])
 def test_varlen_kernel_call_matches_padded_path(monkeypatch, signature, window):
     """The CUDA branch's plumbing, checked on CPU with a stand-in kernel that has varlen_attn's
     contract ([tokens, heads, dim], int32 boundaries, causal or windowed through its kwargs) and
     computes each sequence with plain SDPA: layouts, GQA and windows must give the padded path's result."""
-    import torch.nn.functional as F
-
     calls = []
-
-    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None, is_causal=None,
-               enable_gqa=False):  # fmt: skip
-        assert q.dim() == 3 and cu_q.dtype == torch.int32 and max_q == max_k
-        assert enable_gqa or k.shape[1] == q.shape[1]
-        left = window_size[0] if window_size is not None else -1
-        assert (window_size is not None) != (is_causal is not None)
-        calls.append((k.shape[1], window_size))
-        out = []
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            i = torch.arange(b - a)
-            mask = (i[None, :] <= i[:, None]) & ((left < 0) | (i[:, None] - i[None, :] <= left))
-            qi, ki, vi = (x[a:b].transpose(0, 1) for x in (q, k, v))
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
-            out.append(o.transpose(0, 1))
-        return torch.cat(out)
-
+    kernel = functools.partial(stand_in_varlen, calls)
     causal = {"is_causal": True} if signature == "is_causal" else {"window_size": (-1, 0)}
     monkeypatch.setattr(attention, "_kernel_applies", lambda q, d: True)
     monkeypatch.setattr(

@@ -52,6 +52,7 @@ def _varlen_kernel() -> tuple[Any, dict[str, Any]] | None:
             _cuda_kernel["causal"] = (
                 {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
             )
+            _cuda_kernel["gqa"] = "enable_gqa" in params
     fn = _cuda_kernel["fn"]
     return None if fn is None else (fn, _cuda_kernel["causal"])
 
