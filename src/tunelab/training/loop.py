@@ -385,10 +385,24 @@ def train(
                         # step's sum / n_targets, as on one process (where this multiplies by 1, exactly).
                         (loss * dist.world_size).backward()
                 step_loss += loss.detach()
+        # The update is queued behind the backward pass with no wait: the clipping norm stays on
+        # the device until after it.
+        norm = None
+        if cfg.grad_clip:
+            params = [p for p in model.parameters() if p.requires_grad]
+            norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        with _explain_out_of_memory(
+            cfg, device, run_dir, log, f"in the update at step {step + 1}", optimizer=True
+        ):
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         # Pack the next step while the GPU still works on this one (counted in this step's time).
         upcoming = packed_step(step + 1) if step + 1 < total_steps else []
-        # The step's loss, equal on every rank; the host waits for the device here, once per step.
+        # The step's loss, equal on every rank, and the norm: the host waits for the device here,
+        # once per step, for the whole step's work (the update included: it is queued before).
         step_loss = distributed.all_sum([float(step_loss)], dist)[0]
+        grad_norm = None if norm is None else float(norm)
         if not math.isfinite(step_loss):
             # This loss came from the weights after `step` updates, so a checkpoint of that step holds
             # the very weights that diverged; the good ones are older.
@@ -399,18 +413,6 @@ def train(
                 f"loss became {step_loss} at step {step + 1}",
                 f"lower train.lr or check the data; last good checkpoint: {last[-1] if last else 'none'}",
             )
-        grad_norm = None
-        if cfg.grad_clip:
-            params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(distributed.local_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        with _explain_out_of_memory(
-            cfg, device, run_dir, log, f"in the update at step {step + 1}", optimizer=True
-        ):
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         window_time += time.perf_counter() - tick
         window_tokens += sum(b.n_tokens for b in micro_batches)
         run_time += time.perf_counter() - tick
