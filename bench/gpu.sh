@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tunelab's SFT speed beside the peers (BENCH.md) and the CUDA-only tests, on the GPU machine, in ONE
-# device call. NOT YET RUN on a GPU: written in sessions without one, for the first session that has one.
+# device call. First run 2026-11-26 on an H200 (bench/results/gpu_h200.md): the full finetunes and the
+# peers are measured; the default order below puts what that run did not reach first.
 #
 # A session gets 15 minutes of device time, the machine's start (a minute or more) included, and
 # one command may run 10 minutes. So:
@@ -117,7 +118,9 @@ run_item() {
 }
 
 items=("$@")
-[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_peer qwen_lora tests llama_full llama_peer qwen_eager qwen_gc qwen_whole llama_lora ablations)
+# What 2026-11-26 measured (qwen_full, llama_full, both peers) comes after what it did not reach; the
+# peers (90-125 s each) last: BENCH.md's H100 figures and the H200's agree within 3.5 %.
+[ ${#items[@]} -gt 0 ] || items=(tests qwen_full qwen_lora qwen_gc qwen_eager llama_lora qwen_whole ablations qwen_peer llama_full llama_peer)
 for it in "${items[@]}"; do run_item "$it"; done
 python3 bench/summarize.py "$out" | tee "$out/summary.md"
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"

@@ -1,0 +1,40 @@
+"""bench/: the speed benchmark runs (the GPU call cannot find out it is broken for us, at a price of
+device time) and its summary puts each line beside the peer's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import summarize  # noqa: E402
+
+
+def test_summary_of_the_recorded_h200_run_puts_tunelab_beside_the_peer():
+    ours, peers = summarize.load(BENCH / "results" / "h200_2026-11-26")
+    assert set(peers) == {"qwen0.5b", "llama1b"} and len(ours) == 2
+    text = summarize.table(ours, peers)
+    assert "| qwen0.5b | tunelab_full_compile | 86,476 | 4.45 |" in text
+    assert "llama1b full finetune: 63,222 real tokens/s, target 55,000 (115%); 4.58x the peer" in text
+
+
+def test_a_failed_line_is_shown_as_failed(tmp_path):
+    (tmp_path / "gpu.jsonl").write_text(json.dumps({"config": "tunelab_full", "error": "KeyError: 'gqa'"}))
+    text = summarize.table(*summarize.load(tmp_path))
+    assert "failed: \"KeyError: 'gqa'\"" in text and "target" not in text
+
+
+def test_sft_speed_runs_the_loop_and_writes_its_line(tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    cmd = [sys.executable, str(BENCH / "sft_speed.py"), "--model", "world", "--batch", "8", "--steps", "10"]
+    run = subprocess.run([*cmd, "--method", "full", "--results", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" not in row, row
+    assert row["config"] == "tunelab_full" and row["timed_steps"] == 2  # steps 9-10
+    assert row["real_tokens_per_s"] > 0 and row["real_tokens_per_step"] > 0
+    assert "| world | tunelab_full |" in summarize.table(*summarize.load(tmp_path))
