@@ -74,10 +74,10 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         lora_module._layers = lambda model: []  # every LoRA layer keeps PEFT's forward
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        cfg, dtype=pick_dtype("auto", device), attn_implementation=args.attn
-    )
-    model.to(device)
+    with device:  # the random weights made where they are used: no init on the host, no copy
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=pick_dtype("auto", device), attn_implementation=args.attn
+        )
     if args.method != "full":
         model = apply_lora(model, args.method, 16, 32, args.lora_dropout, "all-linear", [])
     examples = make_examples(4000, spec["vocab_size"], short=args.model == "world")
