@@ -61,3 +61,41 @@ def test_defaults_on_cuda_train_say_so_and_resume(llama_dir, tmp_path, capsys, m
     print(f"resumed {method} run bit-identical to the uninterrupted one: {same}")  # reported, not required
     for k in b:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=5e-2, atol=5e-3, msg=k)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_loop_waits_for_the_gpu_once_per_step(llama_dir, tmp_path, compile):
+    """What makes the host wait for the GPU, counted by torch's sync debug mode: a run four steps
+    longer waits exactly four times more (the step's loss and clipping norm, read together after the
+    update is queued). Whatever the run does once (the memory probe, compiling, evaluation) cancels."""
+    import json
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from test_packing import examples
+    from tunelab.config import TrainConfig
+    from tunelab.training.loop import train
+
+    def waits(steps: int) -> int:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
+        cfg = TrainConfig(lr=1e-3, max_steps=steps, batch_size=8, micro_batch_tokens=64, log_every=1,
+                          eval_every=0, seed=0, compile=compile)  # fmt: skip
+        out = tmp_path / f"run-{compile}-{steps}"
+        out.mkdir()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(model, None, examples(64, seed=2), [], cfg, out, quiet=True, save=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert sum("loss" in r for r in records) == steps
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    waits(2)  # compiled graphs and kernels warm
+    short, long = waits(4), waits(8)
+    print(f"host waits: {short} in 4 steps, {long} in 8")
+    assert long - short == 4, (short, long)

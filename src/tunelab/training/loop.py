@@ -399,10 +399,11 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         # Pack the next step while the GPU still works on this one (counted in this step's time).
         upcoming = packed_step(step + 1) if step + 1 < total_steps else []
-        # The step's loss, equal on every rank, and the norm: the host waits for the device here,
-        # once per step, for the whole step's work (the update included: it is queued before).
-        step_loss = distributed.all_sum([float(step_loss)], dist)[0]
-        grad_norm = None if norm is None else float(norm)
+        # The step's loss and the norm, read together: the host waits for the device here, once per
+        # step, for the whole step's work (the update included: it is queued before).
+        read = torch.stack([step_loss.float(), *([] if norm is None else [norm.float()])]).tolist()
+        step_loss = distributed.all_sum(read[:1], dist)[0]  # equal on every rank
+        grad_norm = read[1] if norm is not None else None
         if not math.isfinite(step_loss):
             # This loss came from the weights after `step` updates, so a checkpoint of that step holds
             # the very weights that diverged; the good ones are older.
