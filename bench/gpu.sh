@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tunelab's SFT speed beside the peers (BENCH.md) and the CUDA-only tests, on the GPU machine, in ONE
 # device call. First run 2026-11-26 on an H200 (bench/results/gpu_h200.md): the full finetunes and the
-# peers are measured; the default order below puts what that run did not reach first.
+# peers are measured; the default order below puts qwen_full, then what that run did not reach, first.
 #
 # A session gets 15 minutes of device time, the machine's start (a minute or more) included, and
 # one command may run 10 minutes. So:
@@ -91,7 +91,7 @@ run_item() {
     qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora ;;
     # The whole loop on CUDA with its defaults (test_cuda_train), QLoRA and its fast LoRA forward on
     # CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.
-    tests) item "$1" 240 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider -m gpu tests;
+    tests) item "$1" 240 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider --durations=12 -m gpu tests;
       python3 -m pytest -q -p no:cacheprovider tests/test_adapters.py tests/test_lora_fast.py -k "qlora or 4bit";
       python3 -m pytest -q -p no:cacheprovider tests/test_optim.py' ;;
     llama_full) item "$1" 200 - "${speed[@]}" "${l[@]}" --method full ;;
@@ -118,9 +118,10 @@ run_item() {
 }
 
 items=("$@")
-# What 2026-11-26 measured (qwen_full, llama_full, both peers) comes after what it did not reach; the
-# peers (90-125 s each) last: BENCH.md's H100 figures and the H200's agree within 3.5 %.
-[ ${#items[@]} -gt 0 ] || items=(tests qwen_full qwen_lora qwen_gc qwen_eager llama_lora qwen_whole ablations qwen_peer llama_full llama_peer)
+# qwen_full first (the loop has changed since 2026-11-26, and LoRA's target is relative to it), then
+# what that run did not reach; the peers (90-125 s each) last: BENCH.md's H100 figures and the H200's
+# agree within 3.5 %.
+[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_lora tests qwen_gc qwen_eager llama_lora qwen_whole ablations qwen_peer llama_full llama_peer)
 for it in "${items[@]}"; do run_item "$it"; done
 python3 bench/summarize.py "$out" | tee "$out/summary.md"
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"
