@@ -38,3 +38,16 @@ def test_sft_speed_runs_the_loop_and_writes_its_line(tmp_path):
     assert row["config"] == "tunelab_full" and row["timed_steps"] == 2  # steps 9-10
     assert row["real_tokens_per_s"] > 0 and row["real_tokens_per_step"] > 0
     assert "| world | tunelab_full |" in summarize.table(*summarize.load(tmp_path))
+
+
+def test_the_summary_says_from_how_many_tokens_compiling_pays(tmp_path):
+    rows = [
+        {"config": "tunelab_full_compile", "model": "m", "real_tokens_per_s": 100_000, "overhead_s": 22.0},
+        {"config": "tunelab_full", "model": "m", "real_tokens_per_s": 50_000, "overhead_s": 2.0},
+    ]
+    (tmp_path / "gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = summarize.table(*summarize.load(tmp_path))
+    # 20 s more warm-up; 1/50k - 1/100k = 10 us saved per token: 2M tokens
+    assert (
+        "m: compiling pays from 2,000,000 real tokens per run (20.0 s more warm-up, 2.00x the speed)" in text
+    )
