@@ -77,6 +77,33 @@ def test_the_layers_share_one_compiled_graph(llama_dir):
     assert all(layer._compiled_call_impl is None for layer in layers)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_run_with_evaluation_compiles_one_graph(llama_dir, tmp_path, method):
+    """The whole warm-up is one layer's training graph: evaluation runs the layers eagerly (no
+    forward-only graph), and with the embedding frozen (LoRA) the first layer's input asks for a
+    gradient like every other layer's (no graph of its own). Both undone after the run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, records = run(llama_dir, tmp_path, True, method)
+    assert len(losses(records, "eval_loss")) == 3  # steps 0, 4 and 8
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not model.get_input_embeddings()._forward_hooks  # the hook is gone
+    assert not any(compiling._HOOK in vars(m) for m in (model, getattr(model, "base_model", model)))
+
+
+def test_paused_layers_run_eagerly_and_are_compiled_again_after(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    layers = decoder_layers(model)
+    with compiling.scope(model):
+        compiling.for_training(model, model)
+        impls = [layer._compiled_call_impl for layer in layers]
+        with compiling.paused(model):
+            assert all(layer._compiled_call_impl is None for layer in layers)
+        assert [layer._compiled_call_impl for layer in layers] == impls and all(impls)
+
+
 def test_a_failed_run_leaves_the_layers_eager_and_user_compiled_ones_alone(llama_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     layers = decoder_layers(model)

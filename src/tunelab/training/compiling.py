@@ -43,13 +43,53 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
         return torch.compile(module, dynamic=True, backend=BACKEND)
     for layer in found:
         layer.compile(dynamic=True, backend=BACKEND)
+    _first_input_needs_grad(model)
     return module
 
 
+def _first_input_needs_grad(model: Any) -> None:
+    """With the embedding frozen (LoRA, QLoRA) the first layer's input needs no gradient and every
+    other layer's does: torch.compile would make the first layer a graph of its own, one more warm-up.
+    While training, the embedding's output asks for a gradient too (as transformers'
+    enable_input_require_grads does): one graph for every layer, for the gradient of one layer's input
+    projections. `scope` takes the hook off."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None or any(p.requires_grad for p in embedding.parameters()):
+        return
+
+    def needs_grad(module: Any, inputs: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+
+    model.__dict__[_HOOK] = embedding.register_forward_hook(needs_grad)
+
+
+_HOOK = "_tunelab_first_input_needs_grad"
+
+
+def _remove_hook(model: Any) -> None:
+    handle = model.__dict__.pop(_HOOK, None)
+    if handle is not None:
+        handle.remove()
+
+
+@contextmanager
+def paused(model: Any) -> Iterator[None]:
+    """For the block, `model`'s compiled decoder layers run eagerly: evaluation, forward only and a
+    few batches, would otherwise compile a graph of its own (no gradients), one more warm-up."""
+    stash = [(m, m._compiled_call_impl) for m in decoder_layers(model) if m._compiled_call_impl is not None]
+    for layer, _ in stash:
+        layer._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for layer, impl in stash:
+            layer._compiled_call_impl = impl
+
+
 # Graphs one decoder layer's code may get before torch gives up compiling it (torch's default: 8).
-# A LoRA run alone makes six (training and evaluation; the first layer, whose input needs no
-# gradient, apart; a micro-batch of one example apart), and the layer code is shared by every model
-# of that class in the process: a second run would fall back to eager, silently slower.
+# A run may make a few (a micro-batch of one example apart, on a CPU), and the layer code is shared by
+# every model of that class in the process: a second run would fall back to eager, silently slower.
 RECOMPILE_LIMIT = 64
 
 
@@ -58,6 +98,7 @@ def eager(module: Any, model: Any) -> Any:
     eager forward (what nn.Module.compile set is unset)."""
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+    _remove_hook(model)
     return module
 
 
@@ -82,6 +123,7 @@ def scope(model: Any) -> Iterator[None]:
         raise TunelabError(f"torch.compile failed: {failed(e)}", FIX) from e
     finally:
         config.recompile_limit = limit
+        _remove_hook(model)
         for layer in decoder_layers(model):
             if id(layer) not in before:
                 layer._compiled_call_impl = None  # what nn.Module.compile sets: back to eager

@@ -284,7 +284,8 @@ def train(
         if not eval_examples:
             return
         with _explain_out_of_memory(cfg, device, run_dir, log, f"evaluating at step {step}"):
-            last_eval = evaluate(forward, eval_examples, cfg.micro_batch_tokens, device, varlen, dist)
+            with compiling.paused(model):  # eagerly: a forward-only graph is not worth its warm-up
+                last_eval = evaluate(wrapped, eval_examples, cfg.micro_batch_tokens, device, varlen, dist)
         log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
