@@ -91,9 +91,10 @@ run_item() {
     qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora ;;
     # The whole loop on CUDA with its defaults (test_cuda_train), QLoRA and its fast LoRA forward on
     # CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.
-    tests) item "$1" 240 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider --durations=12 -m gpu tests;
+    # The quick ones first; -v: each result is in tests.txt as it comes, even if the limit cuts the run.
+    tests) item "$1" 240 "$out/tests.txt" bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_optim.py;
       python3 -m pytest -q -p no:cacheprovider tests/test_adapters.py tests/test_lora_fast.py -k "qlora or 4bit";
-      python3 -m pytest -q -p no:cacheprovider tests/test_optim.py' ;;
+      python3 -m pytest -v -p no:cacheprovider --durations=12 -m gpu tests' ;;
     llama_full) item "$1" 200 - "${speed[@]}" "${l[@]}" --method full ;;
     llama_peer) item "$1" 200 "$out/peer_$pl.log" python3 .peers/peers_gpu.py "$peer" "$pl" ;;
     # Eager: what compiling gains per token, against its warm-up (overhead_s), for `compile: auto`.
