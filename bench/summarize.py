@@ -72,7 +72,8 @@ def table(ours: list[dict], peers: dict[str, dict]) -> str:
             extra = compiled["overhead_s"] - eager["overhead_s"]
             tokens = max(extra, 0) / saved
             lines.append(
-                f"{model}: compiling pays from {tokens:,.0f} real tokens per run "
+                f"{model}: compiling pays from {tokens:,.0f} real tokens per run, "
+                f"{tokens / eager['real_tokens_per_s']:.0f} s of steps uncompiled (compiling.WORTH_S) "
                 f"({extra:.1f} s more warm-up, {compiled['real_tokens_per_s'] / eager['real_tokens_per_s']:.2f}x the speed)"
             )
     return "\n".join(lines)

@@ -47,7 +47,8 @@ def test_the_summary_says_from_how_many_tokens_compiling_pays(tmp_path):
     ]
     (tmp_path / "gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = summarize.table(*summarize.load(tmp_path))
-    # 20 s more warm-up; 1/50k - 1/100k = 10 us saved per token: 2M tokens
+    # 20 s more warm-up; 1/50k - 1/100k = 10 us saved per token: 2M tokens, 40 s at 50k/s
     assert (
-        "m: compiling pays from 2,000,000 real tokens per run (20.0 s more warm-up, 2.00x the speed)" in text
+        "m: compiling pays from 2,000,000 real tokens per run, 40 s of steps uncompiled (compiling.WORTH_S) "
+        "(20.0 s more warm-up, 2.00x the speed)" in text
     )

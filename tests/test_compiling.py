@@ -4,6 +4,7 @@ the layers), trains as the eager run does, and leaves the model eager afterwards
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -17,19 +18,19 @@ from tunelab.training import compiling, loop
 from tunelab.training.loop import train
 
 
-def run(path, tmp_path, compile, method: str = "full", **settings):
+def run(path, tmp_path, compile, method: str = "full", dropout: float = 0.0, quiet: bool = True, **settings):
     """Eight steps on a tiny Llama: the model and its metrics."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if method == "lora":
-        model = apply_lora(model, "lora", 8, 16, 0.0, "all-linear", [])
+        model = apply_lora(model, "lora", 8, 16, dropout, "all-linear", [])
     cfg = TrainConfig(
         lr=3e-3, max_steps=8, batch_size=4, log_every=1, eval_every=4, seed=0, compile=compile, method=method,
         **settings,
     )  # fmt: skip
     out = tmp_path / f"run-{compile}-{method}"
     out.mkdir()
-    train(model, None, examples(32, seed=2), examples(6, seed=3), cfg, out, quiet=True, save=False)
+    train(model, None, examples(32, seed=2), examples(6, seed=3), cfg, out, quiet=quiet, save=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return model, records
 
@@ -159,6 +160,7 @@ def test_auto_trains_without_compiling_where_compiling_fails(llama_dir, tmp_path
     eager_model, eager = run(llama_dir, tmp_path, False)
     monkeypatch.setattr(compiling, "BACKEND", broken_compiler)
     monkeypatch.setattr(loop, "compiles", lambda cfg, device: True)  # auto decides for compiling
+    monkeypatch.setattr(compiling, "WORTH_S", 0.0)  # and the run is long enough
     torch._dynamo.reset()
     attempts.clear()
     model, fell_back = run(llama_dir, tmp_path, "auto")
@@ -166,3 +168,47 @@ def test_auto_trains_without_compiling_where_compiling_fails(llama_dir, tmp_path
     assert losses(fell_back).tolist() == losses(eager).tolist()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), eager_model.parameters()))
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+
+
+def test_auto_compiles_a_long_run_and_not_a_short_one(llama_dir, tmp_path, monkeypatch, capsys):
+    """compile: auto (on a GPU) times one uncompiled pass in the memory probe and compiles only a run
+    whose steps would take at least WORTH_S uncompiled: a short run would wait longer for the
+    warm-up than it saves. Either way the log says which and why."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})  # the probe runs where a GPU's would
+    monkeypatch.setattr(loop, "compiles", lambda cfg, device: cfg.compile is not False)  # auto as on CUDA
+    _, eager = run(llama_dir, tmp_path, False)
+    for worth, long_enough in ((1e9, False), (0.0, True)):
+        monkeypatch.setattr(compiling, "WORTH_S", worth)
+        torch._dynamo.reset()
+        counters.clear()
+        (tmp_path / str(worth)).mkdir()
+        model, records = run(llama_dir, tmp_path / str(worth), "auto", quiet=False)
+        said = " ".join(capsys.readouterr().err.split())
+        assert "compile auto (each of 2 decoder layers, if the run is long enough)" in said, said
+        if long_enough:
+            assert "of steps uncompiled: compiling pays for its warm-up" in said, said
+            assert "fits (compiling the model first)" in said, said
+            assert counters["stats"]["unique_graphs"] == 1
+            torch.testing.assert_close(losses(records), losses(eager), rtol=1e-4, atol=1e-5)
+        else:
+            assert re.search(
+                r"a short run \(about \d+ s of steps uncompiled\): training without torch.compile", said
+            ), said
+            assert "--train.compile=true compiles anyway" in said and "compiling the model first" not in said
+            assert not counters["stats"]["unique_graphs"]  # nothing compiled
+            assert losses(records).tolist() == losses(eager).tolist()  # the timed passes changed nothing
+        assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+
+
+def test_the_probe_draws_no_random_numbers_from_the_run(llama_dir, tmp_path, monkeypatch):
+    """The memory probe's passes run dropout too, and a resumed run probes again: they must leave the
+    random state as they found it, or the resumed run would draw other dropout masks than the
+    uninterrupted one."""
+    runs = []
+    for probe in (set(), {"cpu"}):
+        monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", probe)
+        (tmp_path / str(len(runs))).mkdir()
+        runs.append(run(llama_dir, tmp_path / str(len(runs)), False, "lora", dropout=0.3)[1])
+    assert losses(runs[1]).tolist() == losses(runs[0]).tolist()

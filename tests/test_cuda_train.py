@@ -1,10 +1,11 @@
-"""The whole loop on a GPU with its defaults (bf16, each decoder layer compiled, the varlen flash
-kernel, the fused loss head, stochastic-rounding AdamW through its Triton kernel, the fail-fast
-memory probe, MFU): it trains, it says what it runs, and a resumed run lands where the uninterrupted
-one does. CUDA only; on a CPU these paths are covered piece by piece elsewhere."""
+"""The whole loop on a GPU with its defaults (bf16, the varlen flash kernel, the fused loss head,
+stochastic-rounding AdamW through its Triton kernel, the fail-fast memory probe, MFU, compile: auto)
+and compiled (each decoder layer): it trains, it says what it runs, and a resumed run lands where the
+uninterrupted one does. CUDA only; on a CPU these paths are covered piece by piece elsewhere."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -18,18 +19,26 @@ from tunelab import cli
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
 
 
+@pytest.mark.parametrize("compile", ["auto", "true"])
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_defaults_on_cuda_train_say_so_and_resume(llama_dir, tmp_path, capsys, method):
+def test_defaults_on_cuda_train_say_so_and_resume(llama_dir, tmp_path, capsys, method, compile):
     data = write_jsonl(tmp_path / "qa.jsonl", addition_rows())
     run = tmp_path / "run"
-    args = train_args(llama_dir, data, run, method)
+    args = train_args(llama_dir, data, run, method) + [f"--train.compile={compile}"]
     args[args.index("--quiet")] = "--model.device=cuda"  # not quiet: the first lines are checked
     assert cli.main(args) == 0
     said = " ".join(capsys.readouterr().err.split())
     assert "torch varlen flash kernel" in said, said
-    assert "compile on (each of 2 decoder layers)" in said, said
+    if compile == "auto":  # a run of seconds: not worth the compiler's warm-up
+        assert "compile auto (each of 2 decoder layers, if the run is long enough)" in said, said
+        assert re.search(
+            r"a short run \(about \d+ s of steps uncompiled\): training without torch.compile", said
+        ), said
+        assert "it fits: peak" in said and "compiling included" not in said, said
+    else:
+        assert "compile on (each of 2 decoder layers)" in said, said
+        assert "it fits: peak" in said and "compiling included" in said, said
     assert "loss in a fused head" in said, said
-    assert "it fits: peak" in said and "compiling included" in said, said
     if method == "full":
         assert "bf16 weights updated with stochastic rounding" in said, said
     else:

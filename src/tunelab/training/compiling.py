@@ -87,6 +87,13 @@ def paused(model: Any) -> Iterator[None]:
             layer._compiled_call_impl = impl
 
 
+# `compile: auto` compiles a run whose steps would take at least this long uncompiled (estimated from
+# one timed micro-batch). Measured on an H200 (bench/results/gpu_h200.md): the warm-up, with an empty
+# compiler cache, is ~22 s for Qwen2.5-0.5B and Llama-3.2-1B alike; a finetune of ~1,000 examples
+# trains in well under that. At 120 s the warm-up is under a fifth of the run: compiling pays from a
+# speed-up of 1.22x. Not yet calibrated against the eager speed on a GPU (bench/gpu.sh qwen_eager).
+WORTH_S = 120.0
+
 # Graphs one decoder layer's code may get before torch gives up compiling it (torch's default: 8).
 # A run may make a few (a micro-batch of one example apart, on a CPU), and the layer code is shared by
 # every model of that class in the process: a second run would fall back to eager, silently slower.
@@ -129,9 +136,10 @@ def scope(model: Any) -> Iterator[None]:
                 layer._compiled_call_impl = None  # what nn.Module.compile sets: back to eager
 
 
-def describe(compiled: bool, model: Any) -> str:
-    """What is compiled, for the run's first log line."""
+def describe(compiled: bool, model: Any, auto: bool = False) -> str:
+    """What is compiled, for the run's first log line (`auto`: if the run proves long enough)."""
     if not compiled:
         return "compile off"
     found = decoder_layers(model) if SCOPE == "layers" else []
-    return f"compile on (each of {len(found)} decoder layers)" if found else "compile on (whole model)"
+    what = f"each of {len(found)} decoder layers" if found else "whole model"
+    return f"compile auto ({what}, if the run is long enough)" if auto else f"compile on ({what})"

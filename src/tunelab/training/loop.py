@@ -118,6 +118,32 @@ def compiles(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda" and cfg.method != "qlora")
 
 
+def _uncompiled_seconds(
+    one_pass: Callable[[], None], model: Any, n_tokens: int, tokens_left: float, device: torch.device
+) -> float | None:
+    """The rest of the run's steps uncompiled, in seconds, from one timed pass (forward and backward)
+    of `n_tokens` after an untimed one; None where the uncompiled pass does not fit (compiled code
+    may need less memory: the probe after this decides)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        with compiling.paused(model):
+            one_pass()  # the first pass pays for kernel selection and allocation
+            sync()
+            start = time.perf_counter()
+            one_pass()
+            sync()
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+    return (time.perf_counter() - start) / max(n_tokens, 1) * tokens_left
+
+
 @contextmanager
 def _explain_out_of_memory(
     cfg: TrainConfig, device: torch.device, run_dir: Path, log: Any, where: str, optimizer: bool = False
@@ -234,6 +260,11 @@ def train(
     # `forward`.
     compiled = compiles(cfg, device)
     forward = compiling.for_training(wrapped, model) if compiled else wrapped
+    # auto: compile only a run long enough to pay for the warm-up, timed in the fail-fast probe below
+    # (one process: ranks timing apart could decide apart).
+    short_run_rule = (
+        compiled and cfg.compile == "auto" and dist.world_size == 1 and device.type in FAIL_FAST_DEVICES
+    )
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -255,7 +286,7 @@ def train(
                 describe_loss(model),
                 lora.describe(model),
                 optim.describe(optimizer),
-                compiling.describe(compiled, model),
+                compiling.describe(compiled, model, auto=short_run_rule),
             )
             if x
         )
@@ -322,35 +353,57 @@ def train(
         # a budget that does not fit stops the run in its first seconds, not hours in.
         plan = epoch_plan(start_step // steps_per_epoch)
         largest = max((mb for mbs in plan for mb in mbs), key=lambda mb: sum(lengths[i] for i in mb))
-        batch = collate([train_examples[i] for i in largest], varlen).to(device)
-        probe_start = time.perf_counter()
-        log.print(
-            f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
-            + (" (compiling the model first)" if compiled else "")
-        )
+        # Its passes draw no random numbers from the run (dropout): a resumed run, which probes
+        # again, goes on from the very state the uninterrupted one had.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            batch = collate([train_examples[i] for i in largest], varlen).to(device)
+            probe_start = time.perf_counter()
 
-        def fits(run: Callable[..., Any]) -> None:
-            with _explain_out_of_memory(
-                cfg, device, run_dir, log, f"on the largest micro-batch ({batch.n_tokens:,} tokens)"
-            ):
+            def one_pass(run: Callable[..., Any]) -> None:
                 with distributed.gradient_sync(wrapped, dist, sync=True):
                     loss = loss_sum(run, batch)
                     if loss.requires_grad:
                         loss.backward()
-            optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
 
-        try:
-            fits(forward)
-        except compiling.BackendCompilerFailed as e:
-            if not (compiled and cfg.compile == "auto"):
-                raise  # train.compile: true: compiling.scope says what to do
-            # auto: compiling only makes training faster; where it fails here, train without it.
-            optimizer.zero_grad(set_to_none=True)
-            forward, compiled = compiling.eager(wrapped, model), False
-            log.print(f"torch.compile failed ({compiling.failed(e)}); training without it")
-            fits(forward)
-        took = f"; {time.perf_counter() - probe_start:.0f} s" + (", compiling included" if compiled else "")
-        log.print(f"it fits: {memory_text(device)}{took}")
+            def fits(run: Callable[..., Any]) -> None:
+                where = f"on the largest micro-batch ({batch.n_tokens:,} tokens)"
+                with _explain_out_of_memory(cfg, device, run_dir, log, where):
+                    one_pass(run)
+
+            if short_run_rule:
+                tokens_left = sum(lengths) / steps_per_epoch * (total_steps - start_step)
+                eager_s = _uncompiled_seconds(
+                    lambda: one_pass(wrapped), model, batch.n_tokens, tokens_left, device
+                )
+                if eager_s is not None and eager_s < compiling.WORTH_S:
+                    forward, compiled = compiling.eager(wrapped, model), False
+                    log.print(
+                        f"a short run (about {eager_s:.0f} s of steps uncompiled): training without "
+                        "torch.compile, whose warm-up would take longer (--train.compile=true compiles anyway)"
+                    )
+                elif eager_s is not None:
+                    log.print(
+                        f"about {eager_s / 60:.0f} min of steps uncompiled: compiling pays for its warm-up"
+                    )
+            log.print(
+                f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
+                + (" (compiling the model first)" if compiled else "")
+            )
+            try:
+                fits(forward)
+            except compiling.BackendCompilerFailed as e:
+                if not (compiled and cfg.compile == "auto"):
+                    raise  # train.compile: true: compiling.scope says what to do
+                # auto: compiling only makes training faster; where it fails here, train without it.
+                optimizer.zero_grad(set_to_none=True)
+                forward, compiled = compiling.eager(wrapped, model), False
+                log.print(f"torch.compile failed ({compiling.failed(e)}); training without it")
+                fits(forward)
+            took = f"; {time.perf_counter() - probe_start:.0f} s" + (
+                ", compiling included" if compiled else ""
+            )
+            log.print(f"it fits: {memory_text(device)}{took}")
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
