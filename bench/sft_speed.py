@@ -53,6 +53,7 @@ def make_examples(n: int, vocab: int, short: bool, seed: int = 0, max_len: int =
 
 def run_tunelab(args: argparse.Namespace) -> dict:
     import torch
+    import torch._dynamo.utils
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunelab.config import TrainConfig
@@ -81,9 +82,13 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     if args.method != "full":
         model = apply_lora(model, args.method, 16, 32, args.lora_dropout, "all-linear", [])
     examples = make_examples(4000, spec["vocab_size"], short=args.model == "world")
+    # --eval-every: a run as users run it, evaluating (its time is in overhead_s, its graphs in graphs)
+    held_out = (
+        make_examples(200, spec["vocab_size"], short=args.model == "world", seed=1) if args.eval_every else []
+    )
     train_cfg = TrainConfig(
         lr=1e-5, max_steps=args.steps, batch_size=args.batch, micro_batch_tokens=args.micro_batch_tokens,
-        log_every=1, eval_every=0, warmup_ratio=0.0, grad_clip=1.0, compile={"auto": "auto", "true": True, "false": False}[args.compile],
+        log_every=1, eval_every=args.eval_every, warmup_ratio=0.0, grad_clip=1.0, compile={"auto": "auto", "true": True, "false": False}[args.compile],
         gradient_checkpointing=args.gradient_checkpointing, method=args.method, bf16_rounding=args.bf16_rounding,
     )  # fmt: skip
     # Asked to compile (true; under auto the loop may decide against it for a short run, or fall
@@ -91,7 +96,9 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     wanted = train_cfg.compile is True and compiles(train_cfg, device)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
+        torch._dynamo.utils.counters.clear()
+        result = train(model, None, examples, held_out, train_cfg, Path(tmp), quiet=True, save=False)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         wall = time.perf_counter() - started
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     busy = gpu_busy_share(model, examples, train_cfg) if args.profile and device.type == "cuda" else None
@@ -110,7 +117,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + ("_gc" if args.gradient_checkpointing else "")
         + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else "")
         + ("_peftforward" if args.method != "full" and args.lora_forward == "peft" else "")
-        + ("_nearest" if args.bf16_rounding == "nearest" else ""),
+        + ("_nearest" if args.bf16_rounding == "nearest" else "")
+        + (f"_eval{args.eval_every}" if args.eval_every else ""),
         "model": args.model,
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -126,6 +134,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         # memory probe (GPU), setup. What a user waits for on top of the tokens.
         "overhead_s": round(wall - seconds / len(steps) * args.steps, 1),
         "mean_example_tokens": round(sum(len(e.input_ids) for e in examples) / len(examples), 1),
+        **({"graphs": graphs} if result.compiled else {}),  # compiled graphs: each one a warm-up
         **({"gpu_busy_share": busy} if busy is not None else {}),
     }
 
@@ -173,6 +182,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="examples per optimizer step")
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate 200 held-out examples every N steps")
     p.add_argument(
         "--method", default="full,lora", help="full, lora (r=16, all linear layers) or both, comma-separated"
     )
@@ -241,6 +251,7 @@ def main() -> None:
     for method in methods:  # each in its own process
         cmd = [sys.executable, __file__, "--only-tunelab", "--model", args.model, "--batch", str(args.batch),
                "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
+               "--eval-every", str(args.eval_every),
                "--method", method, "--attn", args.attn, "--compile", args.compile,
                "--attention", args.attention, "--head", args.head]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
