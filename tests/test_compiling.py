@@ -188,15 +188,18 @@ def test_auto_compiles_a_long_run_and_not_a_short_one(llama_dir, tmp_path, monke
         said = " ".join(capsys.readouterr().err.split())
         assert "compile auto (each of 2 decoder layers, if the run is long enough)" in said, said
         if long_enough:
-            assert "of steps uncompiled: compiling pays for its warm-up" in said, said
-            assert "fits (compiling the model first)" in said, said
+            assert "of steps uncompiled: compiling the model, its warm-up pays" in said, said
+            assert "compiling included" in said, said
             assert counters["stats"]["unique_graphs"] == 1
             torch.testing.assert_close(losses(records), losses(eager), rtol=1e-4, atol=1e-5)
         else:
             assert re.search(
                 r"a short run \(about \d+ s of steps uncompiled\): training without torch.compile", said
             ), said
-            assert "--train.compile=true compiles anyway" in said and "compiling the model first" not in said
+            assert (
+                "--train.compile=true compiles anyway" in said and "compiling" not in said.split("anyway")[1]
+            )
+            assert "it fits:" in said, said  # the timed passes were the probe
             assert not counters["stats"]["unique_graphs"]  # nothing compiled
             assert losses(records).tolist() == losses(eager).tolist()  # the timed passes changed nothing
         assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
@@ -212,3 +215,29 @@ def test_the_probe_draws_no_random_numbers_from_the_run(llama_dir, tmp_path, mon
         (tmp_path / str(len(runs))).mkdir()
         runs.append(run(llama_dir, tmp_path / str(len(runs)), False, "lora", dropout=0.3)[1])
     assert losses(runs[1]).tolist() == losses(runs[0]).tolist()
+
+
+def test_auto_compiles_where_the_uncompiled_pass_does_not_fit(llama_dir, tmp_path, monkeypatch, capsys):
+    """Compiled code may need less memory than eager: where the timed uncompiled pass runs out of
+    memory, auto goes on to the compiled probe (which says whether that fits) instead of failing."""
+    from contextlib import contextmanager
+
+    real, calls = compiling.paused, []
+
+    @contextmanager
+    def out_of_memory(model):  # the first use is the timed uncompiled pass; evaluation comes later
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        with real(model):
+            yield
+
+    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})
+    monkeypatch.setattr(loop, "compiles", lambda cfg, device: cfg.compile is not False)
+    monkeypatch.setattr(compiling, "WORTH_S", 1e9)  # it would be a short run, if timed
+    monkeypatch.setattr(compiling, "paused", out_of_memory)
+    torch._dynamo.reset()
+    _, records = run(llama_dir, tmp_path, "auto", quiet=False)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "a short run" not in said and "compiling included" in said, said
+    assert len(losses(records)) == 8

@@ -371,27 +371,29 @@ def train(
                 with _explain_out_of_memory(cfg, device, run_dir, log, where):
                     one_pass(run)
 
+            log.print(
+                f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
+                + (" (compiling the model first)" if compiled and not short_run_rule else "")
+            )
+            probed = False  # the largest micro-batch went forward and backward as the run will train
             if short_run_rule:
                 tokens_left = sum(lengths) / steps_per_epoch * (total_steps - start_step)
                 eager_s = _uncompiled_seconds(
                     lambda: one_pass(wrapped), model, batch.n_tokens, tokens_left, device
                 )
                 if eager_s is not None and eager_s < compiling.WORTH_S:
-                    forward, compiled = compiling.eager(wrapped, model), False
+                    forward, compiled, probed = compiling.eager(wrapped, model), False, True
                     log.print(
                         f"a short run (about {eager_s:.0f} s of steps uncompiled): training without "
                         "torch.compile, whose warm-up would take longer (--train.compile=true compiles anyway)"
                     )
                 elif eager_s is not None:
                     log.print(
-                        f"about {eager_s / 60:.0f} min of steps uncompiled: compiling pays for its warm-up"
+                        f"about {eager_s / 60:.0f} min of steps uncompiled: compiling the model, its warm-up pays"
                     )
-            log.print(
-                f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
-                + (" (compiling the model first)" if compiled else "")
-            )
             try:
-                fits(forward)
+                if not probed:
+                    fits(forward)
             except compiling.BackendCompilerFailed as e:
                 if not (compiled and cfg.compile == "auto"):
                     raise  # train.compile: true: compiling.scope says what to do
