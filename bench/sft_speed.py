@@ -61,7 +61,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     from tunelab.training import attention, compiling
     from tunelab.training import lora as lora_module
     from tunelab.training import loss as loss_module
-    from tunelab.training.loop import compiles, train
+    from tunelab.training.loop import train
 
     spec = dict(MODELS[args.model])
     arch = spec.pop("arch")
@@ -93,7 +93,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     # Asked to compile (true; under auto the loop may decide against it for a short run, or fall
     # back where compiling fails); result.compiled: what it did.
-    wanted = train_cfg.compile is True and compiles(train_cfg, device)
+    wanted = train_cfg.compile is True
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         torch._dynamo.utils.counters.clear()
