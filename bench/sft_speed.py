@@ -101,7 +101,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         wall = time.perf_counter() - started
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    busy = gpu_busy_share(model, examples, train_cfg) if args.profile and device.type == "cuda" else None
+    timeline = gpu_timeline(model, examples, train_cfg) if args.profile and device.type == "cuda" else {}
     steps = [r for r in records if "loss" in r and r["step"] > WARM]
     tokens = sum(r["tokens"] for r in steps)
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
@@ -135,16 +135,15 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         "overhead_s": round(wall - seconds / len(steps) * args.steps, 1),
         "mean_example_tokens": round(sum(len(e.input_ids) for e in examples) / len(examples), 1),
         **({"graphs": graphs} if result.compiled else {}),  # compiled graphs: each one a warm-up
-        **({"gpu_busy_share": busy} if busy is not None else {}),
+        **timeline,
     }
 
 
-def gpu_busy_share(model, examples, cfg, steps: int = 8) -> float:
-    """The share of the training steps' wall time the GPU spends in kernels, over a few more steps
-    of the warm model under the profiler: near 1, the host keeps the GPU fed and CUDA graphs could
-    not help; well below 1, kernel launches (the host) are the limit. The first of these steps (a new
-    `train()`: its layers are compiled again, from the cache) is left out: its share of the kernel
-    time is taken as 1/steps, the steps being the same size."""
+def gpu_timeline(model, examples, cfg, steps: int = 8) -> dict:
+    """Where the GPU's time goes over a few more steps of the warm model, under the profiler
+    (`timeline_shares`): busy in kernels, idle for a launch (the host issuing kernels no faster than
+    the GPU runs them: what CUDA graphs would win back), or idle for longer (the host waiting for
+    the GPU, packing, Python between steps: what CUDA graphs of the layers would not)."""
     import dataclasses
 
     from torch.autograd import DeviceType
@@ -155,11 +154,39 @@ def gpu_busy_share(model, examples, cfg, steps: int = 8) -> float:
     cfg = dataclasses.replace(cfg, max_steps=steps, seed=cfg.seed + 1)
     with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CUDA]) as prof:
         train(model, None, examples, [], cfg, Path(tmp), quiet=True, save=False)
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "loss" in r and r["step"] > 1]
-    wall = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
-    kernels = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
-    return round(kernels / 1e6 * len(timed) / steps / wall, 3)
+    spans = [
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
+    ]
+    return timeline_shares(spans)
+
+
+def timeline_shares(
+    spans: list[tuple[float, float]], launch_max_us: float = 100, setup_min_us: float = 50_000
+) -> dict:
+    """Kernel spans (start, end in us) -> the shares of the GPU's time busy, idle in gaps shorter than
+    `launch_max_us` (launches) and idle in longer ones (stalls). Gaps of `setup_min_us` or more are
+    left out: the new train() compiling its layers again (from the cache) and setting up, not steps."""
+    busy = launch = stall = 0.0
+    end = None
+    for s, e in sorted(spans):
+        if end is not None and s > end:
+            gap = s - end
+            if gap < launch_max_us:
+                launch += gap
+            elif gap < setup_min_us:
+                stall += gap
+        if end is None or e > end:
+            busy += e - max(s, end) if end is not None else e - s
+            end = e
+    total = busy + launch + stall
+    if not total:
+        return {}
+    return {
+        "gpu_busy_share": round(busy / total, 3),
+        "gpu_launch_gap_share": round(launch / total, 3),
+        "gpu_stall_share": round(stall / total, 3),
+        "kernels": len(spans),
+    }
 
 
 def run_peer(peers: Path, conf: str, model: str, batch: int, gc: str | None) -> dict:
@@ -232,7 +259,9 @@ def main() -> None:
         help="compiled runs: each decoder layer in place (default) or the whole model as one graph",
     )
     p.add_argument(
-        "--profile", action="store_true", help="GPU only: also report the share of step time the GPU is busy"
+        "--profile",
+        action="store_true",
+        help="GPU only: also report the shares of the GPU's time busy, idle between launches and stalled",
     )
     p.add_argument(
         "--peers", type=Path, help="folder with the peers' peers_gpu.py: run them too, same machine"

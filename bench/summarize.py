@@ -28,9 +28,17 @@ def load(out: Path) -> tuple[list[dict], dict[str, dict]]:
     return ours, peers
 
 
+def _timeline(row: dict) -> str:
+    """The GPU's time: busy share, then (where measured) the idle shares between launches and stalled."""
+    busy = row.get("gpu_busy_share", "")
+    if "gpu_launch_gap_share" in row:
+        return f"{busy} ({row['gpu_launch_gap_share']}, {row['gpu_stall_share']})"
+    return f"{busy}"
+
+
 def table(ours: list[dict], peers: dict[str, dict]) -> str:
     lines = [
-        "| model | configuration | real tokens/s | × the peer | MFU | peak GiB | overhead s | GPU busy |",
+        "| model | configuration | real tokens/s | × the peer | MFU | peak GiB | overhead s | GPU busy (launch gaps, stalls) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for model, peer in peers.items():
@@ -49,7 +57,7 @@ def table(ours: list[dict], peers: dict[str, dict]) -> str:
         lines.append(
             f"| {row['model']} | {row['config']} | {row['real_tokens_per_s']:,} | {ratio} | "
             f"{row.get('mfu_6N_vs_989T')} | {row.get('peak_mem_GiB')} | {row.get('overhead_s', '')} | "
-            f"{row.get('gpu_busy_share', '')} |"
+            f"{_timeline(row)} |"
         )
     lines.append("")
     for model, target in TARGETS.items():

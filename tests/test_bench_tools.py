@@ -52,3 +52,38 @@ def test_the_summary_says_from_how_many_tokens_compiling_pays(tmp_path):
         "m: compiling pays from 2,000,000 real tokens per run, 40 s of steps uncompiled (compiling.WORTH_S) "
         "(20.0 s more warm-up, 2.00x the speed)" in text
     )
+
+
+def test_the_memory_estimate_counts_weights_and_adamw_state_and_sees_checkpointing_save():
+    import memory_estimate
+
+    full = memory_estimate.estimate("world", 8, 16384, steps=2)
+    n = full["parameters"]
+    weights, state = full["parts_bytes"]["param"], full["parts_bytes"]["opt"]
+    assert weights == 2 * n  # bf16; the tied embedding and head counted once
+    assert 4 * n <= state <= 4 * n + 4 * 64  # two bf16 moments, and a step count per tensor
+    checkpointed = memory_estimate.estimate("world", 8, 16384, gradient_checkpointing=True, steps=2)
+    assert checkpointed["parts_bytes"]["act"] < full["parts_bytes"]["act"] / 2
+    lora = memory_estimate.estimate("world", 8, 16384, method="lora", steps=2)
+    trained = lora["trained_parameters"]
+    assert (
+        trained < n / 10 and 8 * trained <= lora["parts_bytes"]["opt"] <= 8 * trained + 4 * 200
+    )  # fp32 adapters
+
+
+def test_the_gpu_timeline_splits_idle_time_into_launch_gaps_and_stalls():
+    import sft_speed
+
+    us = [(0, 100), (110, 200), (150, 250), (1250, 1300), (200_000, 200_050)]  # overlap; 1 ms; setup
+    shares = sft_speed.timeline_shares(us)
+    # busy 100 + 90 + 50 (the overlap once) + 50 + 50; a 10 us launch gap; a 1 ms stall; the 198.7 ms
+    # setup gap left out
+    assert shares == {
+        "gpu_busy_share": round(340 / 1350, 3),
+        "gpu_launch_gap_share": round(10 / 1350, 3),
+        "gpu_stall_share": round(1000 / 1350, 3),
+        "kernels": 5,
+    }
+    row = {"config": "tunelab_full_compile", "model": "m", "real_tokens_per_s": 1, **shares}
+    (row_line,) = [x for x in summarize.table([row], {}).splitlines() if "| m |" in x]
+    assert row_line.endswith(f"| {shares['gpu_busy_share']} (0.007, 0.741) |")
