@@ -87,8 +87,9 @@ speed=(python3 bench/sft_speed.py --results "$res")
 
 run_item() {
   case "$1" in
-    # tunelab's defaults for a long run (compiled, packed varlen attention, fused head); --profile: the share of
-    # step time the GPU is busy (near 1: CUDA graphs could not help).
+    # tunelab's defaults for a long run (compiled, packed varlen attention, fused head); --profile: the
+    # shares of the GPU's time busy, idle between launches (what CUDA graphs could win back) and
+    # stalled (the host between steps: what graphs of the layers could not).
     qwen_full) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --profile ;;
     qwen_peer) item "$1" 200 "$out/peer_$pq.log" python3 .peers/peers_gpu.py "$peer" "$pq" ;;
     qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora ;;
@@ -102,15 +103,18 @@ run_item() {
     llama_peer) item "$1" 200 "$out/peer_$pl.log" python3 .peers/peers_gpu.py "$peer" "$pl" ;;
     # Eager: what compiling gains per token, against its warm-up (overhead_s), for `compile: auto`.
     qwen_eager) item "$1" 150 - "${speed[@]}" "${q[@]}" --method full --compile false ;;
-    # Activation checkpointing: the like-for-like memory comparison with TRL's default (which uses it).
+    # Activation checkpointing: the like-for-like memory comparison with TRL's default (which uses it;
+    # 5.34 / 11.51 GiB). Predicted without a GPU by bench/memory_estimate.py (bench/results/memory.md).
     qwen_gc) item "$1" 150 - "${speed[@]}" "${q[@]}" --method full --gradient-checkpointing ;;
+    llama_gc) item "$1" 150 - "${speed[@]}" "${l[@]}" --method full --gradient-checkpointing ;;
     # The whole model as one graph: its warm-up (overhead_s) and steady speed against per-layer compile.
     qwen_whole) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --compile-scope model ;;
     llama_lora) item "$1" 150 - "${speed[@]}" "${l[@]}" --method lora ;;
     # Each choice changed alone: round-to-nearest AdamW (the cost of stochastic rounding), PEFT's LoRA
-    # forward, the dense-mask path, the model's own head, flex attention (no CPU backward).
+    # forward, the dense-mask path, the model's own head, flex attention (no CPU backward); first, the
+    # loss head's chunk body left eager (what compiling it gains).
     ablations)
-      local variants=("--method full --bf16-rounding nearest" "--method lora --lora-forward peft"
+      local variants=("--method full --head fused-eager" "--method full --bf16-rounding nearest" "--method lora --lora-forward peft"
                       "--method full --attention mask" "--method full --head plain")
       [ -n "$dry" ] || variants+=("--method full --attn flex_attention --attention mask")  # no CPU backward
       for extra in "${variants[@]}"; do
@@ -123,9 +127,9 @@ run_item() {
 
 items=("$@")
 # qwen_full first (the loop has changed since 2026-11-26, and LoRA's target is relative to it), then
-# what that run did not reach; the peers (90-125 s each) last: BENCH.md's H100 figures and the H200's
-# agree within 3.5 %.
-[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_lora tests qwen_gc qwen_eager llama_lora qwen_whole ablations qwen_peer llama_full llama_peer)
+# what #8 still owes (LoRA, memory with checkpointing, the CUDA tests), then the peer beside it
+# (90-125 s each: BENCH.md's H100 figures and the H200's agree within 3.5 %), then the rest.
+[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_lora qwen_gc llama_gc tests qwen_eager qwen_peer llama_full llama_lora ablations qwen_whole llama_peer)
 for it in "${items[@]}"; do run_item "$it"; done
 python3 bench/summarize.py "$out" | tee "$out/summary.md"
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"

@@ -70,6 +70,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         attention.supported = lambda model: False  # keep transformers' own SDPA + dense mask
     if args.head == "plain":
         loss_module._returns_head_output = lambda base, head: False  # keep the model's own head
+    compiling.HEAD = args.head != "fused-eager"
     compiling.SCOPE = args.compile_scope
     if args.lora_forward == "peft":
         lora_module._layers = lambda model: []  # every LoRA layer keeps PEFT's forward
@@ -113,6 +114,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + ("_whole" if result.compiled and args.compile_scope == "model" else "")
         + ("_mask" if args.attention == "mask" else "")
         + ("_plainhead" if args.head == "plain" else "")
+        + ("_eagerheadbody" if args.head == "fused-eager" and result.compiled else "")
         + (f"_{args.attn}" if args.attn != "sdpa" else "")
         + ("_gc" if args.gradient_checkpointing else "")
         + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else "")
@@ -232,10 +234,11 @@ def main() -> None:
     )
     p.add_argument(
         "--head",
-        choices=["fused", "plain"],
+        choices=["fused", "fused-eager", "plain"],
         default="fused",
-        help="fused = the loss computed in a fused output head, a chunk at a time (default); plain = "
-        "the model's own head, fp32 logits at every trained position, then cross-entropy",
+        help="fused = the loss computed in a fused output head, a chunk at a time (default; compiled runs "
+        "compile its chunk body); fused-eager = the same, its chunk body eager; plain = the model's own "
+        "head, fp32 logits at every trained position, then cross-entropy",
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (LoRA)")

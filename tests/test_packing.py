@@ -13,7 +13,15 @@ from tunelab.data.packing import collate, plan_epoch
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.errors import TunelabError
 from tunelab.training import attention
-from tunelab.training.loss import LossHead, fused_head, linear_cross_entropy, loss_sum, per_example_loss
+from tunelab.training.loss import (
+    LossHead,
+    _chunked_ce,
+    ce_and_grad,
+    fused_head,
+    linear_cross_entropy,
+    loss_sum,
+    per_example_loss,
+)
 
 # How a packed micro-batch reaches attention: one row through tunelab's per-example packed attention;
 # one row with the block-diagonal mask transformers builds for SDPA; rows padded to the longest.
@@ -173,6 +181,30 @@ def test_fused_head_matches_the_plain_loss_with_bias_frozen_weights_and_no_grad(
     with torch.no_grad():
         plain = linear_cross_entropy(hidden, weight, bias, targets, chunk=4)
     assert not plain.requires_grad and float(plain) == pytest.approx(float(expected.detach()), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_compiled_chunk_body_gives_the_eager_loss_and_gradients(dtype):
+    """`ce_and_grad` compiled (the fused head's body while the layers are compiled) against the
+    in-place eager chunk code: a bias, IGNORE targets, a shorter last chunk and a one-row chunk (left
+    eager: no second graph); fp64 to rounding, bf16 within its precision."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(15, 8), torch.randn(50, 8), torch.randn(50)
+    hidden, weight, bias = (x.to(dtype) for x in (hidden, weight, bias))
+    targets = torch.randint(0, 50, (15,))
+    targets[:3] = IGNORE
+    torch._dynamo.reset()
+    counters.clear()
+    body = torch.compile(ce_and_grad, dynamic=True)
+    for chunk in (4, 7):  # chunks of 4, 4, 4, 3 and of 7, 7, 1
+        eager = _chunked_ce(hidden, weight, bias, targets, chunk, (True, True, True))
+        fast = _chunked_ce(hidden, weight, bias, targets, chunk, (True, True, True), body)
+        tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+        for e, f in zip(eager, fast):
+            torch.testing.assert_close(f, e, **tol)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_fused_head_under_compile_equals_eager(llama_dir):

@@ -6,8 +6,10 @@ the warm-up compiles one layer's forward and backward instead of all N, and stay
 N grows. Compiled as one graph, the whole model's Python is traced and Inductor works through N
 copies of the layer. On the world model (4 layers, 2 CPU cores; `bench/results/cpu_world.md`) the
 first step took 11 s instead of 45 s cold (1 s instead of 14 s with Inductor's on-disk cache warm).
-What is left out of the graphs: the embedding, the final norm, the rotary tables and the loss head
-(compiled or not, tunelab's fused head runs eagerly).
+What is left out of the graphs: the embedding, the final norm and the rotary tables. tunelab's fused
+loss head stays a Python loop over chunks of positions (compiled whole, it would recompile for each
+chunk count); what it does to each chunk's logits, `loss.ce_and_grad`, is compiled as a graph of its
+own, which reads the logits in two fused passes instead of about eight eager ones.
 
 The layers are compiled in place (`nn.Module.compile`), so parameter names, state dicts, DDP and FSDP
 see the model unchanged; the layers run eagerly again after training (`scope`). A model whose decoder
@@ -26,11 +28,15 @@ from torch._dynamo.exc import BackendCompilerFailed  # Inductor's own errors (In
 
 from tunelab.errors import TunelabError
 from tunelab.models import decoder_layers
+from tunelab.training import loss
 
 FIX = "set train.compile: false (--train.compile=false) and run again"
 
 # "layers" (default) or "model": what `for_training` compiles; bench/sft_speed.py --compile-scope sets it.
 SCOPE = "layers"
+# Whether `for_training` compiles the fused loss head's chunk body too; bench/sft_speed.py
+# --head fused-eager sets False (what compiling it gains).
+HEAD = True
 BACKEND: Any = "inductor"  # torch.compile's backend (tests stand a failing one in)
 
 
@@ -38,6 +44,9 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
     """What to run forward through: `module` (the model, or DDP around it) with `model`'s decoder
     layers compiled in place, or `module` compiled whole where none are found (or SCOPE says so).
     `scope` undoes the in-place part."""
+    head = loss.loss_head(model)
+    if head is not None and HEAD:  # dynamic: the last chunk of a micro-batch is shorter
+        head.body = torch.compile(loss.ce_and_grad, dynamic=True, backend=BACKEND)
     found = decoder_layers(model) if SCOPE == "layers" else []
     if not found:  # dynamic: packed rows change length from step to step
         return torch.compile(module, dynamic=True, backend=BACKEND)
@@ -45,6 +54,15 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
         layer.compile(dynamic=True, backend=BACKEND)
     _first_input_needs_grad(model)
     return module
+
+
+def _head_body(model: Any, body: Any = None) -> Any:
+    """Sets the fused loss head's per-chunk body (None: eager); returns the one it had."""
+    head = loss.loss_head(model)
+    if head is None:
+        return None
+    before, head.body = head.body, body
+    return before
 
 
 def _first_input_needs_grad(model: Any) -> None:
@@ -75,16 +93,19 @@ def _remove_hook(model: Any) -> None:
 
 @contextmanager
 def paused(model: Any) -> Iterator[None]:
-    """For the block, `model`'s compiled decoder layers run eagerly: evaluation, forward only and a
-    few batches, would otherwise compile a graph of its own (no gradients), one more warm-up."""
+    """For the block, `model`'s compiled decoder layers (and its loss head's body) run eagerly:
+    evaluation, forward only and a few batches, would otherwise compile a graph of its own (no
+    gradients), one more warm-up."""
     stash = [(m, m._compiled_call_impl) for m in decoder_layers(model) if m._compiled_call_impl is not None]
     for layer, _ in stash:
         layer._compiled_call_impl = None
+    body = _head_body(model)
     try:
         yield
     finally:
         for layer, impl in stash:
             layer._compiled_call_impl = impl
+        _head_body(model, body)
 
 
 # `compile: auto` compiles a run whose steps would take at least this long uncompiled (estimated from
@@ -106,6 +127,7 @@ def eager(module: Any, model: Any) -> Any:
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
     _remove_hook(model)
+    _head_body(model)
     return module
 
 
@@ -131,6 +153,7 @@ def scope(model: Any) -> Iterator[None]:
     finally:
         config.recompile_limit = limit
         _remove_hook(model)
+        _head_body(model)
         for layer in decoder_layers(model):
             if id(layer) not in before:
                 layer._compiled_call_impl = None  # what nn.Module.compile sets: back to eager

@@ -18,7 +18,7 @@ head; a probe forward finds them, and they take the plain path (logits at the tr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,9 +42,11 @@ def _chunked_ce(
     targets: torch.Tensor,
     chunk: int,
     grads: tuple[bool, bool, bool] = (False, False, False),
+    body: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """sum CE(hidden @ weight.T + bias, targets) over the set targets, and (where `grads` asks) its
-    gradients with respect to hidden, weight and bias. hidden [N, H], targets [N]."""
+    gradients with respect to hidden, weight and bias. hidden [N, H], targets [N]. `body`: where the
+    gradients are asked, `ce_and_grad` compiled, for each chunk's loss and d loss / d logits."""
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits for bf16/fp16 models
     total = torch.zeros((), dtype=acc, device=hidden.device)
     grad_h = torch.empty_like(hidden) if grads[0] else None
@@ -52,17 +54,22 @@ def _chunked_ce(
     grad_b = torch.zeros_like(bias) if grads[2] and bias is not None else None
     for i in range(0, hidden.shape[0], chunk):
         h, t = hidden[i : i + chunk], targets[i : i + chunk]
-        logits = F.linear(h, weight, bias).to(acc)
+        logits = F.linear(h, weight, bias)
         valid = t != IGNORE
-        t = t.clamp(min=0)[:, None]  # IGNORE -> class 0, masked out below
-        lse = torch.logsumexp(logits, dim=-1)
-        total = total + ((lse - logits.gather(1, t).squeeze(1)) * valid).sum()
-        if not any(grads):
-            continue
-        # d loss / d logits = softmax - one-hot, zero where no target; in place over the logits.
-        g = logits.sub_(lse[:, None]).exp_()
-        g.scatter_add_(1, t, torch.full_like(t, -1, dtype=g.dtype))
-        g = g.mul_(valid[:, None]).to(hidden.dtype)
+        t = t.clamp(min=0)  # IGNORE -> class 0, masked out
+        if body is not None and any(grads) and h.shape[0] > 1:  # one row: torch would make a 2nd graph
+            part, g = body(logits, t, valid)
+            total = total + part
+        else:
+            logits = logits.to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+            if not any(grads):
+                continue
+            # d loss / d logits = softmax - one-hot, zero where no target; in place over the logits.
+            g = logits.sub_(lse[:, None]).exp_()
+            g.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=g.dtype))
+            g = g.mul_(valid[:, None]).to(hidden.dtype)
         if grad_h is not None:
             torch.mm(g, weight, out=grad_h[i : i + chunk])
         if grad_w is not None:
@@ -72,10 +79,28 @@ def _chunked_ce(
     return total, grad_h, grad_w, grad_b
 
 
+def ce_and_grad(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed cross-entropy (fp32; fp64 for fp64 logits) and its gradient with respect
+    to `logits` [n, V] (in their dtype; zero where `valid` is False), written for torch.compile:
+    compiled (`LossHead.body`, while the layers are) it reads the head's output in two fused passes,
+    where the in-place eager code of `_chunked_ce` makes about eight over fp32 logits, and no fp32
+    copy of them is alive. `targets` [n] are class indices (no IGNORE)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1)
+    loss = ((lse - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+    p = torch.exp(x - lse[:, None])
+    hit = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return loss, (torch.where(hit, p - 1, p) * valid[:, None]).to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden, weight, bias, targets, chunk):  # type: ignore[override]
-        total, *grads = _chunked_ce(hidden, weight, bias, targets, chunk, tuple(ctx.needs_input_grad[:3]))
+    def forward(ctx: Any, hidden, weight, bias, targets, chunk, body):  # type: ignore[override]
+        total, *grads = _chunked_ce(
+            hidden, weight, bias, targets, chunk, tuple(ctx.needs_input_grad[:3]), body
+        )
         ctx.save_for_backward(*grads)
         return total
 
@@ -84,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # In place: no second copy of the head's weight gradient (0.5 GB for a 1B model's 128k vocab).
         # A second backward through the same graph would find them modified and raise, not mis-scale.
         scaled = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors]
-        return *scaled, None, None
+        return *scaled, None, None, None
 
 
 def linear_cross_entropy(
@@ -93,13 +118,14 @@ def linear_cross_entropy(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     chunk: int,
+    body: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The summed cross-entropy of `hidden @ weight.T + bias` against `targets` (IGNORE = no loss),
     `chunk` positions at a time; equal to the plain computation, without its [N, vocab] logits."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, body)
     return _chunked_ce(hidden, weight, bias, targets, chunk)[0]
 
 
@@ -115,6 +141,8 @@ class LossHead(torch.nn.Module):
         self.register_parameter("bias", head.bias)
         self.chunk = max(MIN_CHUNK, LOGITS_BUDGET // head.weight.shape[0])
         self.targets: torch.Tensor | None = None
+        # `ce_and_grad` compiled, while the decoder layers are (training/compiling.py); None: eager.
+        self.body: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @torch.compiler.disable  # a Python loop over chunks: compiled, it would recompile per chunk count
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -123,7 +151,7 @@ class LossHead(torch.nn.Module):
                 "this model's output head computes tunelab's training loss and gives no logits",
                 "call tunelab.training.loss.loss_sum, or use the model after training has finished",
             )
-        return linear_cross_entropy(hidden, self.weight, self.bias, self.targets, self.chunk)
+        return linear_cross_entropy(hidden, self.weight, self.bias, self.targets, self.chunk, self.body)
 
 
 class _Probe(torch.nn.Module):
@@ -190,7 +218,7 @@ def fused_head(model: Any) -> Iterator[bool]:
         base.set_output_embeddings(head)
 
 
-def _loss_head(model: Any) -> LossHead | None:
+def loss_head(model: Any) -> LossHead | None:
     """The model's `LossHead`, while `fused_head` has it in place."""
     head = _base(model).get_output_embeddings()
     return head if isinstance(head, LossHead) else None
@@ -198,7 +226,7 @@ def _loss_head(model: Any) -> LossHead | None:
 
 def describe(model: Any) -> str:
     """Where the loss is computed, for the run's first log line."""
-    return "loss in a fused head" if _loss_head(model) is not None else "loss after the model's own head"
+    return "loss in a fused head" if loss_head(model) is not None else "loss after the model's own head"
 
 
 def _forward(model: Any, batch: PackedBatch) -> Any:
@@ -213,7 +241,7 @@ def _forward(model: Any, batch: PackedBatch) -> Any:
 
 def _logits(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets at the positions where some row has a target: [R, n, V] and [R, n]."""
-    if _loss_head(model) is not None:
+    if loss_head(model) is not None:
         raise TunelabError(
             "per-position logits were asked of a model whose head computes the training loss",
             "leave `fused_head` first",
@@ -225,7 +253,7 @@ def loss_sum(model: Any, batch: PackedBatch) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies, so micro-batches add up to the exact step mean."""
     if batch.n_targets == 0:
         return torch.zeros((), device=batch.input_ids.device)
-    head = _loss_head(model)
+    head = loss_head(model)
     if head is not None:
         head.targets = batch.targets[:, batch.keep]
         try:
