@@ -14,6 +14,11 @@ from pathlib import Path
 
 TARGETS = {"qwen0.5b": 80_000, "llama1b": 55_000}  # BENCH.md: full finetune, real tokens/s
 TIMES_PEER = 4  # BENCH.md: >= 4x TRL SFTTrainer (packing + Liger) on the same machine
+LORA_TIMES_FULL = 1.3  # BENCH.md: LoRA r=16 >= 1.3x our own full finetune
+# BENCH.md (H100): TRL + Liger's peak without activation checkpointing (its default has it on).
+PEER_PEAK_NO_CHECKPOINTING = {"qwen0.5b": 31.9}
+# bench/memory_estimate.py's predictions, to check against what was measured.
+PREDICTED = Path(__file__).resolve().parent / "results" / "memory_estimate.jsonl"
 
 
 def load(out: Path) -> tuple[list[dict], dict[str, dict]]:
@@ -71,6 +76,7 @@ def table(ours: list[dict], peers: dict[str, dict]) -> str:
                     f"; {times:.2f}x the peer measured here, target {TIMES_PEER}x ({times / TIMES_PEER:.0%})"
                 )
             lines.append(line)
+    lines += _lora_and_memory(ours, peers)
     for model in sorted({r.get("model") for r in ours}):
         rows = {r["config"]: r for r in ours if r.get("model") == model and "error" not in r}
         compiled, eager = rows.get("tunelab_full_compile"), rows.get("tunelab_full")
@@ -85,6 +91,58 @@ def table(ours: list[dict], peers: dict[str, dict]) -> str:
                 f"({extra:.1f} s more warm-up, {compiled['real_tokens_per_s'] / eager['real_tokens_per_s']:.2f}x the speed)"
             )
     return "\n".join(lines)
+
+
+def _predicted(model: str, checkpointing: bool) -> float | None:
+    """bench/memory_estimate.py's latest prediction for the full finetune at 16,384-token micro-batches."""
+    if not PREDICTED.exists():
+        return None
+    found = None
+    for line in PREDICTED.read_text().splitlines():
+        row = json.loads(line)
+        if (row["model"], row["method"], row["gradient_checkpointing"], row["micro_batch_tokens"]) == (
+            model, "full", checkpointing, 16384,
+        ):  # fmt: skip
+            found = row["predicted_peak_GiB"]
+    return found
+
+
+def _lora_and_memory(ours: list[dict], peers: dict[str, dict]) -> list[str]:
+    """LoRA against our full finetune (target LORA_TIMES_FULL), and peak memory like with like: with
+    activation checkpointing against the peer's default (it checkpoints), without against the peer
+    without; each beside bench/memory_estimate.py's prediction where there is one."""
+    lines = []
+    for model in sorted({r.get("model") for r in ours if "error" not in r}):
+        rows = {r["config"]: r for r in ours if r.get("model") == model and "error" not in r}
+        full, lora = rows.get("tunelab_full_compile"), rows.get("tunelab_lora_compile")
+        if full and lora:
+            times = lora["real_tokens_per_s"] / full["real_tokens_per_s"]
+            lines.append(
+                f"{model} LoRA r=16: {lora['real_tokens_per_s']:,} real tokens/s, {times:.2f}x our full "
+                f"finetune, target {LORA_TIMES_FULL}x"
+            )
+        peer = peers.get(model, {})
+        for config, checkpointing in (("tunelab_full_compile_gc", True), ("tunelab_full_compile", False)):
+            row = rows.get(config)
+            if not row or row.get("peak_mem_GiB") is None:
+                continue
+            ours_gib = row["peak_mem_GiB"]
+            if checkpointing:
+                theirs = peer.get("peak_mem_GiB") if peer.get("grad_ckpt") else None
+                where = "the peer measured here (checkpointing)"
+            else:
+                theirs = PEER_PEAK_NO_CHECKPOINTING.get(model)
+                where = "the peer without checkpointing (BENCH.md, H100)"
+            line = (
+                f"{model} peak memory {'with' if checkpointing else 'without'} checkpointing: {ours_gib} GiB"
+            )
+            if theirs:
+                line += f", {ours_gib / theirs:.2f}x {where}'s {theirs} GiB"
+            predicted = _predicted(model, checkpointing)
+            if predicted is not None:
+                line += f"; predicted {predicted} GiB (eager, bench/memory_estimate.py)"
+            lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

@@ -87,3 +87,25 @@ def test_the_gpu_timeline_splits_idle_time_into_launch_gaps_and_stalls():
     row = {"config": "tunelab_full_compile", "model": "m", "real_tokens_per_s": 1, **shares}
     (row_line,) = [x for x in summarize.table([row], {}).splitlines() if "| m |" in x]
     assert row_line.endswith(f"| {shares['gpu_busy_share']} (0.007, 0.741) |")
+
+
+def test_the_summary_puts_lora_beside_full_and_memory_beside_the_peer_like_with_like(tmp_path):
+    rows = [
+        {"config": "tunelab_full_compile", "model": "qwen0.5b", "real_tokens_per_s": 80_000, "peak_mem_GiB": 19.6},
+        {"config": "tunelab_lora_compile", "model": "qwen0.5b", "real_tokens_per_s": 112_000, "peak_mem_GiB": 15.0},
+        {"config": "tunelab_full_compile_gc", "model": "qwen0.5b", "real_tokens_per_s": 60_000, "peak_mem_GiB": 4.9},
+    ]  # fmt: skip
+    (tmp_path / "gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    peer = {"config": "trl_pack_liger", "model": "qwen0.5b", "grad_ckpt": True, "real_tokens_per_s": 20_000}
+    (tmp_path / "peer_qwen0.5b.log").write_text("RESULT " + json.dumps({**peer, "peak_mem_GiB": 5.34}) + "\n")
+    text = summarize.table(*summarize.load(tmp_path))
+    assert "qwen0.5b LoRA r=16: 112,000 real tokens/s, 1.40x our full finetune, target 1.3x" in text
+    assert (
+        "qwen0.5b peak memory with checkpointing: 4.9 GiB, 0.92x the peer measured here (checkpointing)'s 5.34"
+        in text
+    )
+    assert (
+        "peak memory without checkpointing: 19.6 GiB, 0.61x the peer without checkpointing (BENCH.md, H100)"
+        in text
+    )
+    assert "predicted 4.89 GiB" in text  # bench/results/memory_estimate.jsonl
