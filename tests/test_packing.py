@@ -207,6 +207,24 @@ def test_the_compiled_chunk_body_gives_the_eager_loss_and_gradients(dtype):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's Triton code needs a GPU")
+def test_the_compiled_chunk_body_on_cuda_gives_the_eager_loss_and_gradients():
+    """The same on a GPU, where Inductor writes Triton kernels, at a real vocabulary's width: bf16
+    chunks of 256 x 32,000 and a shorter last one."""
+    torch.manual_seed(0)
+    hidden = torch.randn(600, 64, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(32_000, 64, device="cuda", dtype=torch.bfloat16) * 0.1
+    targets = torch.randint(0, 32_000, (600,), device="cuda")
+    targets[:100] = IGNORE
+    body = torch.compile(ce_and_grad, dynamic=True)
+    eager = _chunked_ce(hidden, weight, None, targets, 256, (True, True, False))
+    fast = _chunked_ce(hidden, weight, None, targets, 256, (True, True, False), body)
+    torch.testing.assert_close(fast[0], eager[0], rtol=1e-3, atol=1e-2)
+    for e, f in zip(eager[1:3], fast[1:3]):
+        torch.testing.assert_close(f, e, rtol=2e-2, atol=2e-2)
+
+
 def test_fused_head_under_compile_equals_eager(llama_dir):
     """The loop compiles the whole model: the fused head runs inside it (left out of the graph), with
     the same loss and gradients as eager."""
