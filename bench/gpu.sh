@@ -110,26 +110,30 @@ run_item() {
     # The whole model as one graph: its warm-up (overhead_s) and steady speed against per-layer compile.
     qwen_whole) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --compile-scope model ;;
     llama_lora) item "$1" 150 - "${speed[@]}" "${l[@]}" --method lora ;;
-    # Each choice changed alone: round-to-nearest AdamW (the cost of stochastic rounding), PEFT's LoRA
-    # forward, the dense-mask path, the model's own head, flex attention (no CPU backward); first, the
-    # loss head's chunk body left eager (what compiling it gains).
-    ablations)
-      local variants=("--method full --head fused-eager" "--method full --bf16-rounding nearest" "--method lora --lora-forward peft"
-                      "--method full --attention mask" "--method full --head plain")
-      [ -n "$dry" ] || variants+=("--method full --attn flex_attention --attention mask")  # no CPU backward
-      for extra in "${variants[@]}"; do
-        # shellcheck disable=SC2086  # $extra: several arguments
-        item "ablation $extra" 100 - "${speed[@]}" "${q[@]}" $extra
-      done ;;
+    # Each choice changed alone on qwen0.5b, full finetune unless said (each its own item, so the most
+    # wanted go first): the loss head's chunk body left eager (what compiling it gains), flex
+    # attention (the other fast kernel #8 names; no CPU backward), the dense-mask SDPA path,
+    # round-to-nearest AdamW (the cost of stochastic rounding), PEFT's LoRA forward, the model's own head.
+    abl_head) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method full --head fused-eager ;;
+    abl_flex) [ -n "$dry" ] && { echo "== $1: not on a CPU (flex attention has no CPU backward)"; return; }
+      item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method full --attn flex_attention --attention mask ;;
+    abl_mask) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method full --attention mask ;;
+    abl_nearest) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method full --bf16-rounding nearest ;;
+    abl_peft) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method lora --lora-forward peft ;;
+    abl_plainhead) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method full --head plain ;;
+    ablations) for a in abl_head abl_flex abl_mask abl_nearest abl_peft abl_plainhead; do run_item $a; done ;;
     *) echo "unknown item $1"; exit 2 ;;
   esac
 }
 
 items=("$@")
 # qwen_full first (the loop has changed since 2026-11-26, and LoRA's target is relative to it), then
-# what #8 still owes (LoRA, memory with checkpointing, the CUDA tests), then the peer beside it
-# (90-125 s each: BENCH.md's H100 figures and the H200's agree within 3.5 %), then the rest.
-[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_lora qwen_gc llama_gc tests qwen_eager qwen_peer llama_full llama_lora ablations qwen_whole llama_peer)
+# what #8 still owes (LoRA, memory with checkpointing, the CUDA tests, eager against compiled, the
+# compiled head body, flex attention against the varlen kernel), then the peer beside it (90-125 s
+# each: BENCH.md's H100 figures and the H200's agree within 3.5 %), then the rest. One 600 s call
+# reaches about the tests; a second, `bash bench/gpu.sh ITEM ...`, takes what was skipped.
+[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_lora qwen_gc llama_gc tests qwen_eager abl_head abl_flex qwen_peer
+  llama_full llama_lora abl_mask abl_nearest abl_peft abl_plainhead qwen_whole llama_peer)
 for it in "${items[@]}"; do run_item "$it"; done
 python3 bench/summarize.py "$out" | tee "$out/summary.md"
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"
