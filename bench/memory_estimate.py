@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -76,16 +77,11 @@ def estimate(
     # As on a GPU in bf16: torch's varlen flash kernel (its fake implementation gives its outputs and
     # the log-sum-exp it saves); the probe that checks the head returns its output untouched cannot
     # run on fake tensors (the HF models here do return it).
-    patches = [(attention, "_kernel_applies", lambda query, dropout: True),
-               (loss_module, "_returns_head_output", lambda base, head: True)]  # fmt: skip
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    for module, name, value in patches:
-        setattr(module, name, value)
-    try:
+    with (
+        mock.patch.object(attention, "_kernel_applies", lambda query, dropout: True),
+        mock.patch.object(loss_module, "_returns_head_output", lambda base, head: True),
+    ):
         row = _estimate(model_name, method, gradient_checkpointing, config, batches)
-    finally:  # this process may go on (tests)
-        for module, name, value in saved:
-            setattr(module, name, value)
     return {"examples_per_step": batch, "micro_batch_tokens": micro_batch_tokens, **row}
 
 
@@ -97,7 +93,7 @@ def _estimate(model_name: str, method: str, gradient_checkpointing: bool, config
 
     from tunelab.models import apply_lora, count_parameters
     from tunelab.training import loss as loss_module
-    from tunelab.training.loop import fast_paths
+    from tunelab.training.loop import checkpoint_activations, fast_paths
 
     with torch.device("meta"):  # the model's structure, no memory; PEFT cannot convert fake weights
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -105,12 +101,8 @@ def _estimate(model_name: str, method: str, gradient_checkpointing: bool, config
             model = apply_lora(model, "lora", 16, 32, 0.0, "all-linear", [])
     with FakeTensorMode(allow_non_fake_inputs=True):
         _to_fake(model)
-        if gradient_checkpointing:  # as the loop turns it on
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if gradient_checkpointing:
+            checkpoint_activations(model)
         model.train()
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=1e-5, fused=True)

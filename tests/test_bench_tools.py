@@ -57,7 +57,11 @@ def test_the_summary_says_from_how_many_tokens_compiling_pays(tmp_path):
 def test_the_memory_estimate_counts_weights_and_adamw_state_and_sees_checkpointing_save():
     import memory_estimate
 
+    from tunelab.training import attention
+
+    kernel_applies = attention._kernel_applies
     full = memory_estimate.estimate("world", 8, 16384, steps=2)
+    assert attention._kernel_applies is kernel_applies  # the stand-ins are gone: tests go on in this process
     n = full["parameters"]
     weights, state = full["parts_bytes"]["param"], full["parts_bytes"]["opt"]
     assert weights == 2 * n  # bf16; the tied embedding and head counted once

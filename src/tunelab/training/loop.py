@@ -112,6 +112,15 @@ def _optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=fused)
 
 
+def checkpoint_activations(model: Any) -> None:
+    """Activation checkpointing on: each decoder layer's activations recomputed in the backward pass."""
+    # transformers 5.24 renamed it (the old name warns); the GPU image's 5.17 has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def compiles(cfg: TrainConfig, device: torch.device) -> bool:
     """train.compile: true, or auto on CUDA except over bitsandbytes' 4-bit layers (QLoRA: untested
     compiled)."""
@@ -248,11 +257,7 @@ def train(
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 10)
     seed_everything(cfg.seed)
     if cfg.gradient_checkpointing:
-        # transformers 5.24 renamed it (the old name warns); the GPU image's 5.17 has only the old one.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     model.train()
     # Several processes: `wrapped` is DDP around `model`, or `model` sharded in place by FSDP.
     wrapped = distributed.wrap(model, dist)
