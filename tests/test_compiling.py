@@ -242,3 +242,34 @@ def test_auto_compiles_where_the_uncompiled_pass_does_not_fit(llama_dir, tmp_pat
     said = " ".join(capsys.readouterr().err.split())
     assert "a short run" not in said and "compiling included" in said, said
     assert len(losses(records)) == 8
+
+
+def test_a_micro_batch_of_one_example_compiles_no_graph_of_its_own(llama_dir):
+    """Compiled, per-example attention over a CPU's padded batch sizes its tensors by the example
+    count; torch would specialise a second graph for a count of one (a long example alone in its
+    micro-batch, or a batch size of one). An empty slot keeps the count at two or more."""
+    from torch._dynamo.utils import counters
+
+    from tunelab.data.packing import collate
+    from tunelab.training.loop import fast_paths
+    from tunelab.training.loss import loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    data = examples(8, seed=2)
+    torch._dynamo.reset()
+    counters.clear()
+    got = []
+    with fast_paths(model) as varlen, compiling.scope(model):
+        forward = compiling.for_training(model, model)
+        for group in (data[:3], data[3:7], data[7:8], data[:2]):
+            batch = collate(group, varlen)
+            loss = loss_sum(forward, batch)
+            loss.backward()
+            got.append(float(loss))
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # a layer and the head's body
+    model.zero_grad()
+    with fast_paths(model) as varlen:  # eager: the same losses
+        want = [
+            float(loss_sum(model, collate(g, varlen))) for g in (data[:3], data[3:7], data[7:8], data[:2])
+        ]
+    assert got == pytest.approx(want, rel=1e-5)

@@ -69,6 +69,10 @@ def _padded(
 ) -> torch.Tensor:
     """[1, H, T, D] packed -> [1, T, H, D], each example attending only to itself, through SDPA."""
     tokens = query.shape[2]
+    if torch.compiler.is_compiling():
+        # An empty example at the end: compiled, tensors sized by the example count would make torch
+        # specialise a second graph for a micro-batch of one example (its outputs are never read).
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:]])
     n = cu_seqlens.shape[0] - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     example = torch.repeat_interleave(torch.arange(n, device=query.device), lengths, output_size=tokens)

@@ -116,7 +116,7 @@ def paused(model: Any) -> Iterator[None]:
 WORTH_S = 120.0
 
 # Graphs one decoder layer's code may get before torch gives up compiling it (torch's default: 8).
-# A run may make a few (a micro-batch of one example apart, on a CPU), and the layer code is shared by
+# A run may make a few (a model whose code torch specialises by size), and the layer code is shared by
 # every model of that class in the process: a second run would fall back to eager, silently slower.
 RECOMPILE_LIMIT = 64
 
