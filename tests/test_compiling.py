@@ -273,3 +273,27 @@ def test_a_micro_batch_of_one_example_compiles_no_graph_of_its_own(llama_dir):
             float(loss_sum(model, collate(g, varlen))) for g in (data[:3], data[3:7], data[7:8], data[:2])
         ]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_loss_head_that_fails_to_compile_runs_eagerly_and_says_so(monkeypatch, caplog):
+    """The layers compiled and the head's chunk body did not: the run goes on with the eager body
+    (the same loss and gradient), says so once, and does not try again."""
+    from tunelab.training import loss
+
+    monkeypatch.setattr(compiling, "BACKEND", broken_compiler)
+    torch._dynamo.reset()
+    attempts.clear()
+    body = compiling._HeadBody()
+    torch.manual_seed(0)
+    logits, targets, valid = (
+        torch.randn(5, 11),
+        torch.randint(0, 11, (5,)),
+        torch.tensor([1, 1, 0, 1, 1]).bool(),
+    )
+    want = loss.ce_and_grad(logits, targets, valid)
+    for _ in range(2):
+        got = body(logits.clone(), targets, valid)
+        torch.testing.assert_close(got, want)
+    assert len(attempts) == 1 and body.compiled is None
+    (record,) = [r for r in caplog.records if "loss head" in r.getMessage()]
+    assert "no C++ compiler found" in record.getMessage() and "runs eagerly" in record.getMessage()

@@ -19,6 +19,7 @@ whole.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,7 @@ from tunelab.errors import TunelabError
 from tunelab.models import decoder_layers
 from tunelab.training import loss
 
+_log = logging.getLogger(__name__)
 FIX = "set train.compile: false (--train.compile=false) and run again"
 
 # "layers" (default) or "model": what `for_training` compiles; bench/sft_speed.py --compile-scope sets it.
@@ -45,8 +47,8 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
     layers compiled in place, or `module` compiled whole where none are found (or SCOPE says so).
     `scope` undoes the in-place part."""
     head = loss.loss_head(model)
-    if head is not None and HEAD:  # dynamic: the last chunk of a micro-batch is shorter
-        head.body = torch.compile(loss.ce_and_grad, dynamic=True, backend=BACKEND)
+    if head is not None and HEAD:
+        head.body = _HeadBody()
     found = decoder_layers(model) if SCOPE == "layers" else []
     if not found:  # dynamic: packed rows change length from step to step
         return torch.compile(module, dynamic=True, backend=BACKEND)
@@ -54,6 +56,26 @@ def for_training(module: Any, model: Any) -> Callable[..., Any]:
         layer.compile(dynamic=True, backend=BACKEND)
     _first_input_needs_grad(model)
     return module
+
+
+class _HeadBody:
+    """`loss.ce_and_grad` compiled (dynamic: a micro-batch's last chunk is shorter). Where compiling
+    it fails, the eager code takes over for the rest of the run, said in the log: the layers, which
+    compiled, stay so."""
+
+    def __init__(self) -> None:
+        self.compiled: Callable[..., Any] | None = torch.compile(
+            loss.ce_and_grad, dynamic=True, backend=BACKEND
+        )
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(logits, targets, valid)
+            except BackendCompilerFailed as e:
+                _log.warning("torch.compile failed on the loss head (%s); its loss runs eagerly", failed(e))
+                self.compiled = None
+        return loss.eager_ce_and_grad(logits, targets, valid)
 
 
 def _head_body(model: Any, body: Any = None) -> Any:

@@ -47,7 +47,7 @@ def _chunked_ce(
     """sum CE(hidden @ weight.T + bias, targets) over the set targets, and (where `grads` asks) its
     gradients with respect to hidden, weight and bias. hidden [N, H], targets [N]. `body`: where the
     gradients are asked, `ce_and_grad` compiled, for each chunk's loss and d loss / d logits."""
-    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits for bf16/fp16 models
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 loss for bf16/fp16 models
     total = torch.zeros((), dtype=acc, device=hidden.device)
     grad_h = torch.empty_like(hidden) if grads[0] else None
     grad_w = torch.zeros_like(weight) if grads[1] else None
@@ -59,17 +59,11 @@ def _chunked_ce(
         t = t.clamp(min=0)  # IGNORE -> class 0, masked out
         if body is not None and any(grads) and h.shape[0] > 1:  # one row: torch would make a 2nd graph
             part, g = body(logits, t, valid)
-            total = total + part
         else:
-            logits = logits.to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
-            if not any(grads):
-                continue
-            # d loss / d logits = softmax - one-hot, zero where no target; in place over the logits.
-            g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=g.dtype))
-            g = g.mul_(valid[:, None]).to(hidden.dtype)
+            part, g = eager_ce_and_grad(logits, t, valid, any(grads))
+        total = total + part
+        if g is None:
+            continue
         if grad_h is not None:
             torch.mm(g, weight, out=grad_h[i : i + chunk])
         if grad_w is not None:
@@ -85,14 +79,29 @@ def ce_and_grad(
     """One chunk's summed cross-entropy (fp32; fp64 for fp64 logits) and its gradient with respect
     to `logits` [n, V] (in their dtype; zero where `valid` is False), written for torch.compile:
     compiled (`LossHead.body`, while the layers are) it reads the head's output in two fused passes,
-    where the in-place eager code of `_chunked_ce` makes about eight over fp32 logits, and no fp32
-    copy of them is alive. `targets` [n] are class indices (no IGNORE)."""
+    where `eager_ce_and_grad` makes about eight over fp32 logits, and no fp32 copy of them is alive. `targets` [n] are class indices (no IGNORE)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(x, dim=-1)
     loss = ((lse - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
     p = torch.exp(x - lse[:, None])
     hit = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     return loss, (torch.where(hit, p - 1, p) * valid[:, None]).to(logits.dtype)
+
+
+def eager_ce_and_grad(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`ce_and_grad` eagerly: one fp32 copy of the logits (none for fp32 logits, which it overwrites)
+    turned into their gradient in place, no other [n, V] buffer. Without `grad`, the loss alone."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1)
+    loss = ((lse - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+    if not grad:
+        return loss, None
+    # d loss / d logits = softmax - one-hot, zero where no target.
+    g = x.sub_(lse[:, None]).exp_()
+    g.scatter_add_(1, targets[:, None], torch.full_like(targets[:, None], -1, dtype=g.dtype))
+    return loss, g.mul_(valid[:, None]).to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
