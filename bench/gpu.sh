@@ -19,10 +19,11 @@ set -u
 if [ "${1:-}" = stage ]; then
   grep -qx '/.peers/' .git/info/exclude || echo /.peers/ >> .git/info/exclude
   rm -rf .peers && cp -r ../shared/bench .peers && chmod -R u+w .peers
-  # Python 3.12 wheels for the GPU image (BENCH.md's list, plus bitsandbytes for the QLoRA tests).
+  # Python 3.12 wheels for the GPU image (BENCH.md's list, plus bitsandbytes for the QLoRA tests); trl and
+  # liger-kernel pinned to the versions BENCH.md measured, so the peer stays the same peer.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
-    -d .peers/whl trl datasets dill multiprocess liger-kernel bitsandbytes
+    -d .peers/whl trl==1.16.0 datasets dill multiprocess liger-kernel==0.8.5 bitsandbytes
   # bitsandbytes ships a library per CUDA release (43 MB); the image's torch is built for CUDA 13,
   # and the working tree that travels is limited to 64 MiB: keep the CUDA 13 and CPU libraries.
   python3 - .peers/whl/bitsandbytes-*.whl <<'EOF'
