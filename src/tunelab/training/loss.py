@@ -73,16 +73,24 @@ def _chunked_ce(
     return total, grad_h, grad_w, grad_b
 
 
+def _loss(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits in fp32 (fp64 stays), their log-sum-exp per row and the summed cross-entropy."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1)
+    return x, lse, ((lse - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+
+
 def ce_and_grad(
     logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's summed cross-entropy (fp32; fp64 for fp64 logits) and its gradient with respect
     to `logits` [n, V] (in their dtype; zero where `valid` is False), written for torch.compile:
     compiled (`LossHead.body`, while the layers are) it reads the head's output in two fused passes,
-    where `eager_ce_and_grad` makes about eight over fp32 logits, and no fp32 copy of them is alive. `targets` [n] are class indices (no IGNORE)."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = torch.logsumexp(x, dim=-1)
-    loss = ((lse - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+    where `eager_ce_and_grad` makes about eight over fp32 logits, and no fp32 copy of them is alive.
+    `targets` [n] are class indices (no IGNORE)."""
+    x, lse, loss = _loss(logits, targets, valid)
     p = torch.exp(x - lse[:, None])
     hit = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     return loss, (torch.where(hit, p - 1, p) * valid[:, None]).to(logits.dtype)
@@ -93,9 +101,7 @@ def eager_ce_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`ce_and_grad` eagerly: one fp32 copy of the logits (none for fp32 logits, which it overwrites)
     turned into their gradient in place, no other [n, V] buffer. Without `grad`, the loss alone."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = torch.logsumexp(x, dim=-1)
-    loss = ((lse - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+    x, lse, loss = _loss(logits, targets, valid)
     if not grad:
         return loss, None
     # d loss / d logits = softmax - one-hot, zero where no target.
