@@ -222,8 +222,8 @@ def main() -> None:
         const="true",
         default="auto",
         choices=["auto", "true", "false"],
-        help="train.compile: auto = the loop's rule (off on CPU; on CUDA only for a run whose steps would take "
-        "2 minutes uncompiled, which 40 steps do not: gpu.sh passes true), bare --compile = true",
+        help="train.compile: auto = the loop's rule (only for a run whose steps would take 2 minutes uncompiled "
+        "on CUDA, 5 on a CPU, which 40 steps do not: gpu.sh passes true), bare --compile = true",
     )
     p.add_argument(
         "--attention",

@@ -154,14 +154,19 @@ def test_a_compiler_that_fails_says_what_to_do(llama_dir, tmp_path, monkeypatch)
     assert "train.compile: false" in e.value.hint
 
 
-def test_auto_trains_without_compiling_where_compiling_fails(llama_dir, tmp_path, monkeypatch):
-    """compile: auto (on a GPU): the memory probe is the first compiled pass; where it fails, the run
-    goes on eagerly, says so, and trains exactly as an eager run does."""
-    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})  # the probe runs where a GPU's would
+# compile: auto times the largest micro-batch uncompiled before training: on a CPU that is all it
+# does there; on a GPU it is also the fail-fast memory probe ({"cpu"} stands the CPU in for one).
+WHERE = {"cpu": set(), "gpu": {"cpu"}}
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_auto_trains_without_compiling_where_compiling_fails(llama_dir, tmp_path, monkeypatch, where):
+    """compile: auto: the probe is the first compiled pass; where it fails, the run goes on eagerly,
+    says so, and trains exactly as an eager run does."""
+    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", WHERE[where])
     eager_model, eager = run(llama_dir, tmp_path, False)
     monkeypatch.setattr(compiling, "BACKEND", broken_compiler)
-    monkeypatch.setattr(loop, "compiles", lambda cfg, device: True)  # auto decides for compiling
-    monkeypatch.setattr(compiling, "WORTH_S", 0.0)  # and the run is long enough
+    monkeypatch.setitem(compiling.WORTH_S, "cpu", 0.0)  # the run is long enough
     torch._dynamo.reset()
     attempts.clear()
     model, fell_back = run(llama_dir, tmp_path, "auto")
@@ -171,17 +176,17 @@ def test_auto_trains_without_compiling_where_compiling_fails(llama_dir, tmp_path
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
 
 
-def test_auto_compiles_a_long_run_and_not_a_short_one(llama_dir, tmp_path, monkeypatch, capsys):
-    """compile: auto (on a GPU) times one uncompiled pass in the memory probe and compiles only a run
-    whose steps would take at least WORTH_S uncompiled: a short run would wait longer for the
-    warm-up than it saves. Either way the log says which and why."""
+@pytest.mark.parametrize("where", WHERE)
+def test_auto_compiles_a_long_run_and_not_a_short_one(llama_dir, tmp_path, monkeypatch, capsys, where):
+    """compile: auto times one uncompiled pass and compiles only a run whose steps would take at least
+    WORTH_S uncompiled: a short run would wait longer for the warm-up than it saves. Either way the
+    log says which and why."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})  # the probe runs where a GPU's would
-    monkeypatch.setattr(loop, "compiles", lambda cfg, device: cfg.compile is not False)  # auto as on CUDA
+    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", WHERE[where])
     _, eager = run(llama_dir, tmp_path, False)
     for worth, long_enough in ((1e9, False), (0.0, True)):
-        monkeypatch.setattr(compiling, "WORTH_S", worth)
+        monkeypatch.setitem(compiling.WORTH_S, "cpu", worth)
         torch._dynamo.reset()
         counters.clear()
         (tmp_path / str(worth)).mkdir()
@@ -190,7 +195,8 @@ def test_auto_compiles_a_long_run_and_not_a_short_one(llama_dir, tmp_path, monke
         assert "compile auto (each of 2 decoder layers, if the run is long enough)" in said, said
         if long_enough:
             assert "of steps uncompiled: compiling the model, its warm-up pays" in said, said
-            assert "compiling included" in said, said
+            assert ("it fits:" if where == "gpu" else "compiled in") in said, said
+            assert "compiling included" in said if where == "gpu" else "the timed passes included" in said
             assert counters["stats"]["unique_graphs"] == 2  # a layer and the loss head's chunk body
             torch.testing.assert_close(losses(records), losses(eager), rtol=1e-4, atol=1e-5)
         else:
@@ -200,10 +206,23 @@ def test_auto_compiles_a_long_run_and_not_a_short_one(llama_dir, tmp_path, monke
             assert (
                 "--train.compile=true compiles anyway" in said and "compiling" not in said.split("anyway")[1]
             )
-            assert "it fits:" in said, said  # the timed passes were the probe
+            assert ("it fits:" in said) == (where == "gpu"), said  # the timed passes were the probe
             assert not counters["stats"]["unique_graphs"]  # nothing compiled
             assert losses(records).tolist() == losses(eager).tolist()  # the timed passes changed nothing
         assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+
+
+def test_auto_on_a_cpu_compiles_one_process_only():
+    """Several processes would time apart and could decide apart: compile: auto leaves them eager on a
+    CPU (on CUDA they compile); QLoRA's 4-bit layers are never compiled by auto."""
+    from tunelab.training.loop import compiles
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compiles(TrainConfig(), cpu) and compiles(TrainConfig(), cuda, world_size=2)
+    assert not compiles(TrainConfig(), cpu, world_size=2)
+    assert compiles(TrainConfig(compile=True), cpu, world_size=2)
+    assert not compiles(TrainConfig(compile=False), cuda)
+    assert not compiles(TrainConfig(method="qlora"), cuda)
 
 
 def test_the_probe_draws_no_random_numbers_from_the_run(llama_dir, tmp_path, monkeypatch):
@@ -234,8 +253,7 @@ def test_auto_compiles_where_the_uncompiled_pass_does_not_fit(llama_dir, tmp_pat
             yield
 
     monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"})
-    monkeypatch.setattr(loop, "compiles", lambda cfg, device: cfg.compile is not False)
-    monkeypatch.setattr(compiling, "WORTH_S", 1e9)  # it would be a short run, if timed
+    monkeypatch.setitem(compiling.WORTH_S, "cpu", 1e9)  # it would be a short run, if timed
     monkeypatch.setattr(compiling, "paused", out_of_memory)
     torch._dynamo.reset()
     _, records = run(llama_dir, tmp_path, "auto", quiet=False)

@@ -121,10 +121,14 @@ def checkpoint_activations(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+def compiles(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
     """train.compile: true, or auto on CUDA except over bitsandbytes' 4-bit layers (QLoRA: untested
-    compiled)."""
-    return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda" and cfg.method != "qlora")
+    compiled), and auto on a CPU in one process (where a timed pass decides: `_uncompiled_seconds`)."""
+    if cfg.compile is True:
+        return True
+    if cfg.compile != "auto" or cfg.method == "qlora":
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and world_size == 1)
 
 
 def _uncompiled_seconds(
@@ -263,13 +267,11 @@ def train(
     wrapped = distributed.wrap(model, dist)
     # Compiled: each decoder layer in place (training/compiling.py); optimise and save `model`, run
     # `forward`.
-    compiled = compiles(cfg, device)
+    compiled = compiles(cfg, device, dist.world_size)
     forward = compiling.for_training(wrapped, model) if compiled else wrapped
-    # auto: compile only a run long enough to pay for the warm-up, timed in the fail-fast probe below
-    # (one process: ranks timing apart could decide apart).
-    short_run_rule = (
-        compiled and cfg.compile == "auto" and dist.world_size == 1 and device.type in FAIL_FAST_DEVICES
-    )
+    # auto: compile only a run long enough to pay for the warm-up, timed in the probe below (one
+    # process: ranks timing apart could decide apart).
+    short_run_rule = compiled and cfg.compile == "auto" and dist.world_size == 1
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -353,9 +355,11 @@ def train(
         epoch, index = divmod(step, steps_per_epoch)
         return [collate([train_examples[i] for i in mb], varlen) for mb in epoch_plan(epoch)[index]]
 
-    if device.type in FAIL_FAST_DEVICES and start_step < total_steps:
-        # Fail fast: the largest micro-batch goes forward and backward once before anything else, so
-        # a budget that does not fit stops the run in its first seconds, not hours in.
+    checks_memory = device.type in FAIL_FAST_DEVICES
+    if (checks_memory or short_run_rule) and start_step < total_steps:
+        # Fail fast (a GPU): the largest micro-batch goes forward and backward once before anything
+        # else, so a budget that does not fit stops the run in its first seconds, not hours in. There
+        # too, compile: auto times it uncompiled (on a CPU that is all this does) and compiles it first.
         plan = epoch_plan(start_step // steps_per_epoch)
         largest = max((mb for mbs in plan for mb in mbs), key=lambda mb: sum(lengths[i] for i in mb))
         # Its passes draw no random numbers from the run (dropout): a resumed run, which probes
@@ -376,17 +380,18 @@ def train(
                 with _explain_out_of_memory(cfg, device, run_dir, log, where):
                     one_pass(run)
 
-            log.print(
-                f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
-                + (" (compiling the model first)" if compiled and not short_run_rule else "")
-            )
+            if checks_memory:  # (elsewhere the line on what auto decided follows in a second)
+                log.print(
+                    f"checking that the largest micro-batch ({batch.n_tokens:,} tokens) fits"
+                    + (" (compiling the model first)" if compiled and not short_run_rule else "")
+                )
             probed = False  # the largest micro-batch went forward and backward as the run will train
             if short_run_rule:
                 tokens_left = sum(lengths) / steps_per_epoch * (total_steps - start_step)
                 eager_s = _uncompiled_seconds(
                     lambda: one_pass(wrapped), model, batch.n_tokens, tokens_left, device
                 )
-                if eager_s is not None and eager_s < compiling.WORTH_S:
+                if eager_s is not None and eager_s < compiling.WORTH_S[device.type]:
                     forward, compiled, probed = compiling.eager(wrapped, model), False, True
                     log.print(
                         f"a short run (about {eager_s:.0f} s of steps uncompiled): training without "
@@ -407,10 +412,12 @@ def train(
                 forward, compiled = compiling.eager(wrapped, model), False
                 log.print(f"torch.compile failed ({compiling.failed(e)}); training without it")
                 fits(forward)
-            took = f"; {time.perf_counter() - probe_start:.0f} s" + (
-                ", compiling included" if compiled else ""
-            )
-            log.print(f"it fits: {memory_text(device)}{took}")
+            took = time.perf_counter() - probe_start
+            if checks_memory:
+                compiling_too = ", compiling included" if compiled else ""
+                log.print(f"it fits: {memory_text(device)}; {took:.0f} s{compiling_too}")
+            elif compiled:
+                log.print(f"compiled in {took:.0f} s (the timed passes included)")
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
