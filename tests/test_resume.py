@@ -313,3 +313,42 @@ def test_out_of_memory_in_the_optimizer_update_points_at_the_trained_parameters(
     err = capsys.readouterr().err
     assert re.search(r"error: out of memory in the update at step 1 \(peak \d+\.\d GiB so far\)", err), err
     assert "AdamW's two moments" in err and "--train.method=lora" in err and "micro_batch_tokens" not in err
+
+
+def test_a_resumed_run_compiles_or_not_as_the_run_began(llama_dir, data, tmp_path, monkeypatch, capsys):
+    """compile: auto decides from the steps left, and a resumed run has fewer: timed again, it could
+    decide otherwise and go on with other rounding than the uninterrupted run (compiled code rounds
+    differently). It goes on as the run began, which its checkpoint records, and ends with the
+    uninterrupted run's weights and losses."""
+    from tunelab.training import compiling
+
+    class Stop(Exception):
+        pass
+
+    real_save = checkpoint.save
+
+    def save_then_stop(folder, step, *args, **kwargs):
+        real_save(folder, step, *args, **kwargs)
+        if step == SAVE_EVERY:
+            raise Stop
+
+    for began_compiled in (True, False):
+        # A long run (compiled) or a short one (uncompiled); resumed, the other way round if timed.
+        monkeypatch.setitem(compiling.WORTH_S, "cpu", 0.0 if began_compiled else 1e9)
+        torch._dynamo.reset()
+        root = tmp_path / str(began_compiled)
+        assert cli.main(train_args(llama_dir, data, root / "reference", "full")) == 0
+        monkeypatch.setattr(checkpoint, "save", save_then_stop)
+        with pytest.raises(Stop):
+            cli.main(train_args(llama_dir, data, root / "run", "full"))
+        monkeypatch.setattr(checkpoint, "save", real_save)
+        meta = json.loads((root / "run" / "checkpoints" / "step-000010" / checkpoint.META_FILE).read_text())
+        assert meta["compiled"] is began_compiled
+        monkeypatch.setitem(compiling.WORTH_S, "cpu", 1e9 if began_compiled else 0.0)
+        capsys.readouterr()
+        assert cli.main(["train", "--resume", str(root / "run")]) == 0
+        said = " ".join(capsys.readouterr().err.split())
+        way = "compiled" if began_compiled else "uncompiled"
+        assert f"resumed {way}, as the run began (compile: auto)" in said, said
+        assert "of steps uncompiled" not in said  # not timed again
+        assert_same_run(root / "run", root / "reference")

@@ -300,6 +300,7 @@ def train(
     )
 
     start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
+    ran_compiled = None  # resumed: whether the run trained compiled (compile: auto goes on as it began)
     data_id = checkpoint.fingerprint(train_examples)
     distributed.check_same_data(data_id, dist)
     if resume_from is not None:
@@ -314,6 +315,7 @@ def train(
         start_step = meta["step"]
         best_eval = meta.get("best_eval_loss") or math.inf
         best_step = meta.get("best_step")
+        ran_compiled = meta.get("compiled")
         log.print(f"resumed from {resume_from} at step {start_step}")
         log.advance(start_step)
 
@@ -386,7 +388,16 @@ def train(
                     + (" (compiling the model first)" if compiled and not short_run_rule else "")
                 )
             probed = False  # the largest micro-batch went forward and backward as the run will train
-            if short_run_rule:
+            if short_run_rule and ran_compiled is not None:
+                # Resumed: as the run began, or it would go on with other arithmetic than the
+                # uninterrupted run (compiled code rounds differently), timed shorter now.
+                if not ran_compiled:
+                    forward, compiled = compiling.eager(wrapped, model), False
+                    probed = not checks_memory  # nothing to try on a CPU
+                log.print(
+                    f"resumed {'compiled' if ran_compiled else 'uncompiled'}, as the run began (compile: auto)"
+                )
+            elif short_run_rule:
                 tokens_left = sum(lengths) / steps_per_epoch * (total_steps - start_step)
                 eager_s = _uncompiled_seconds(
                     lambda: one_pass(wrapped), model, batch.n_tokens, tokens_left, device
@@ -521,6 +532,7 @@ def train(
                 "data": data_id,
                 "best_eval_loss": best_eval if best_step else None,
                 "best_step": best_step,
+                "compiled": compiled,  # what compile: auto decided, for a resumed run to go on alike
             }
             # Several processes: every rank helps gather the state (FSDP), rank 0 alone writes it.
             replicas_agree(f"at step {done}")
