@@ -138,7 +138,7 @@ def paused(model: Any) -> Iterator[None]:
 #   Not yet calibrated against the eager speed on a GPU (bench/gpu.sh qwen_eager).
 # - cpu (one process): on the world model (2 cores, bench/results/cpu_world.md) compiling costs 20 s
 #   more warm-up (empty cache) and trains 1.14x as fast: it breaks even at ~170 s of steps
-#   uncompiled. From 300 s it gains; the world base's pretraining (~40 min) gains ~1.14x.
+#   uncompiled. From 300 s it gains; the world base's pretraining (~30 min uncompiled) gains 1.16x.
 WORTH_S = {"cuda": 120.0, "cpu": 300.0}
 
 # Graphs one decoder layer's code may get before torch gives up compiling it (torch's default: 8).
