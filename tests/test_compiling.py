@@ -196,7 +196,7 @@ def test_auto_compiles_a_long_run_and_not_a_short_one(llama_dir, tmp_path, monke
         if long_enough:
             assert "of steps uncompiled: compiling the model, its warm-up pays" in said, said
             assert ("it fits:" if where == "gpu" else "compiled in") in said, said
-            assert "compiling included" in said if where == "gpu" else "the timed passes included" in said
+            assert "compiling included" in said if where == "gpu" else re.search(r"compiled in \d+ s", said)
             assert counters["stats"]["unique_graphs"] == 2  # a layer and the loss head's chunk body
             torch.testing.assert_close(losses(records), losses(eager), rtol=1e-4, atol=1e-5)
         else:

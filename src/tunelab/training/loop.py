@@ -428,7 +428,7 @@ def train(
                 compiling_too = ", compiling included" if compiled else ""
                 log.print(f"it fits: {memory_text(device)}; {took:.0f} s{compiling_too}")
             elif compiled:
-                log.print(f"compiled in {took:.0f} s (the timed passes included)")
+                log.print(f"compiled in {took:.0f} s")
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
