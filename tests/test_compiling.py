@@ -58,6 +58,17 @@ def test_compiled_layers_train_as_eager_does(llama_dir, tmp_path, method, settin
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["gpt_neox", "qwen2"])
+def test_other_architectures_compiled_train_as_eager_does(tiny_models, tmp_path, kind):
+    """compile: auto compiles a long run of whatever model it is given, on a CPU too: Pythia's
+    (GPT-NeoX: parallel residual, partial rotary) and Qwen2's (q/k/v biases) layers as Llama's."""
+    _, eager = run(tiny_models[kind], tmp_path, False)
+    model, compiled = run(tiny_models[kind], tmp_path, True)
+    torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-4, atol=1e-5)
+    layers = decoder_layers(model)  # compiled layer by layer, and eager again afterwards
+    assert layers and all(layer._compiled_call_impl is None for layer in layers)
+
+
 def test_the_layers_share_one_compiled_graph(llama_dir):
     """Compiled layer by layer, the warm-up compiles one layer, not N: the layers' forward code is
     traced once (parameters are graph inputs), whatever the number of layers."""
