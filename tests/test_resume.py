@@ -315,12 +315,17 @@ def test_out_of_memory_in_the_optimizer_update_points_at_the_trained_parameters(
     assert "AdamW's two moments" in err and "--train.method=lora" in err and "micro_batch_tokens" not in err
 
 
-def test_a_resumed_run_compiles_or_not_as_the_run_began(llama_dir, data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["cpu", "gpu"])
+def test_a_resumed_run_compiles_or_not_as_the_run_began(
+    llama_dir, data, tmp_path, monkeypatch, capsys, where
+):
     """compile: auto decides from the steps left, and a resumed run has fewer: timed again, it could
     decide otherwise and go on with other rounding than the uninterrupted run (compiled code rounds
     differently). It goes on as the run began, which its checkpoint records, and ends with the
-    uninterrupted run's weights and losses."""
-    from tunelab.training import compiling
+    uninterrupted run's weights and losses (gpu: with the memory probe, here on the CPU)."""
+    from tunelab.training import compiling, loop
+
+    monkeypatch.setattr(loop, "FAIL_FAST_DEVICES", {"cpu"} if where == "gpu" else set())
 
     class Stop(Exception):
         pass
@@ -351,4 +356,5 @@ def test_a_resumed_run_compiles_or_not_as_the_run_began(llama_dir, data, tmp_pat
         way = "compiled" if began_compiled else "uncompiled"
         assert f"resumed {way}, as the run began (compile: auto)" in said, said
         assert "of steps uncompiled" not in said  # not timed again
+        assert ("it fits:" in said) == (where == "gpu"), said
         assert_same_run(root / "run", root / "reference")
