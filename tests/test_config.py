@@ -127,3 +127,16 @@ def test_union_and_yaml_booleans_keep_their_words():
         "q_proj",
         "v_proj",
     ]
+
+
+def test_a_missing_config_points_at_the_shipped_recipes(tmp_path, monkeypatch):
+    """`configs/world-base.yaml` is found from the repository's root only; elsewhere (an installed
+    package) the message gives the shipped copy's path, or lists what tunelab ships."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="config file not found: configs/world-base.yaml") as e:
+        load_config("configs/world-base.yaml")
+    shipped = Path(e.value.hint.split("give its path, ")[1])
+    assert shipped.is_file() and load_config(shipped).name == "world-base"
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/no-such-recipe.yaml")
+    assert "tunelab ships" in e.value.hint and "world-qa.yaml" in e.value.hint, e.value.hint

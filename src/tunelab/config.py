@@ -257,9 +257,13 @@ def load_config(
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(
-                f"config file not found: {p}", "give the path to a YAML file, e.g. configs/world-qa.yaml"
-            )
+            shipped = packaged_config(p.name)
+            if shipped.is_file():  # a shipped recipe, named from outside the repository's root
+                hint = f"tunelab ships {p.name}: give its path, {shipped}"
+            else:
+                names = ", ".join(sorted(x.name for x in shipped.parent.glob("*.yaml")))
+                hint = f"give the path to a YAML file; tunelab ships {names} in {shipped.parent}"
+            raise ConfigError(f"config file not found: {p}", hint)
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
