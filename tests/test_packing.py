@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from tunelab.data.packing import collate, plan_epoch
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.errors import TunelabError
+from tunelab.models import decoder_layers
 from tunelab.training import attention
 from tunelab.training.loss import (
     LossHead,
@@ -242,6 +243,37 @@ def test_fused_head_under_compile_equals_eager(llama_dir):
     assert float(fast.detach()) == pytest.approx(float(eager.detach()), rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "qwen2"])
+def test_compiled_layers_over_a_packed_row_equal_unpacked_and_keep_examples_apart(tiny_models, kind):
+    """What a long run trains through under compile: auto (CPU too): each decoder layer compiled,
+    the packed row through per-example attention (compiled, with an empty example appended), the
+    fused head's compiled chunk body. The loss and gradients equal running the examples one by one,
+    and changing one example's tokens leaves the others' losses untouched."""
+    from tunelab.training import compiling
+
+    exs = examples(9, seed=5)
+    expected, expected_grads = reference_loss(tiny_models[kind], exs)
+    model = load(tiny_models[kind])
+    torch._dynamo.reset()
+    with compiling.scope(model):
+        with fused_head(model):
+            model.get_output_embeddings().chunk = 16
+            forward = compiling.for_training(model, model)
+            packed = loss_sum(forward, pack(exs, "packed-attention"))
+            packed.backward()
+        a, b, c = examples(3, seed=1)  # per-example losses need the logits: the model's own head
+        b2 = Encoded([t + 1 for t in b.input_ids], b.labels)
+        with torch.no_grad():
+            first = per_example_loss(forward, pack([a, b, c], "packed-attention"))
+            second = per_example_loss(forward, pack([a, b2, c], "packed-attention"))
+        assert any(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    assert float(packed.detach()) == pytest.approx(float(expected), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert first[0] == pytest.approx(second[0], abs=1e-5) and first[2] == pytest.approx(second[2], abs=1e-5)
+    assert first[1] != pytest.approx(second[1], abs=1e-4)
 
 
 def test_logits_are_refused_while_the_head_computes_the_loss(llama_dir):
