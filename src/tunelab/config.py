@@ -100,9 +100,9 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer (training/compiling.py): "auto" = for a run whose steps would
-    # take at least compiling.WORTH_S uncompiled (2 minutes on CUDA, 5 on a CPU; timed on the largest
-    # micro-batch; one process, where CUDA compiles several too), except over QLoRA's 4-bit layers
-    # (untested compiled). Compiled, norms, rotary and activations are fused.
+    # take at least compiling.WORTH_S uncompiled (2 minutes on CUDA, 5 on a CPU), timed on the largest
+    # micro-batch; several processes compile on CUDA without timing and stay eager on a CPU; never
+    # over QLoRA's 4-bit layers (untested compiled). Compiled, norms, rotary and activations are fused.
     compile: bool | Literal["auto"] = "auto"
     # How bf16 weights take AdamW's update: "stochastic" (computed in fp32, rounded up or down with
     # probability by distance, so updates smaller than bf16's spacing add up) or "nearest" (torch's
