@@ -113,3 +113,18 @@ def test_the_summary_puts_lora_beside_full_and_memory_beside_the_peer_like_with_
         in text
     )
     assert "predicted 4.89 GiB" in text  # bench/results/memory_estimate.jsonl
+
+
+def test_host_cost_times_the_loop_over_a_real_models_structure_at_tiny_widths():
+    import host_cost
+
+    from tunelab.models import decoder_layers
+
+    seen = {}
+    real = host_cost.sft_speed.MODELS["world"]
+    ms = host_cost.host_ms_per_step("world", compile=False, steps=6, inspect=seen.update)
+    assert 0 < ms < 5_000
+    model = seen["model"]
+    assert len(decoder_layers(model)) == real["num_hidden_layers"]  # the structure kept
+    assert model.config.num_attention_heads == real["num_attention_heads"]
+    assert model.config.hidden_size == 2 * real["num_attention_heads"]  # the widths not
