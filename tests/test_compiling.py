@@ -40,13 +40,21 @@ def losses(records, key="loss"):
 
 
 @pytest.mark.parametrize(
-    ("method", "settings"),
-    [("full", {}), ("lora", {}), ("full", {"gradient_checkpointing": True})],
-    ids=["full", "lora", "checkpointing"],
+    ("kind", "method", "settings"),
+    [
+        ("llama", "full", {}),
+        ("llama", "lora", {}),
+        ("llama", "full", {"gradient_checkpointing": True}),
+        # compile: auto compiles a long run of whatever model it is given, on a CPU too: Pythia's
+        # (GPT-NeoX: parallel residual, partial rotary) and Qwen2's (q/k/v biases) layers as Llama's.
+        ("gpt_neox", "full", {}),
+        ("qwen2", "full", {}),
+    ],
+    ids=["full", "lora", "checkpointing", "gpt_neox", "qwen2"],
 )
-def test_compiled_layers_train_as_eager_does(llama_dir, tmp_path, method, settings):
-    eager_model, eager = run(llama_dir, tmp_path, False, method, **settings)
-    model, compiled = run(llama_dir, tmp_path, True, method, **settings)
+def test_compiled_layers_train_as_eager_does(tiny_models, tmp_path, kind, method, settings):
+    eager_model, eager = run(tiny_models[kind], tmp_path, False, method, **settings)
+    model, compiled = run(tiny_models[kind], tmp_path, True, method, **settings)
     # Inductor fuses and orders the float arithmetic differently: rounding apart, over eight updates.
     torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
@@ -56,17 +64,6 @@ def test_compiled_layers_train_as_eager_does(llama_dir, tmp_path, method, settin
     assert layers and all(layer._compiled_call_impl is None for layer in layers)  # eager again
     for (name, a), (_, b) in zip(model.named_parameters(), eager_model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("kind", ["gpt_neox", "qwen2"])
-def test_other_architectures_compiled_train_as_eager_does(tiny_models, tmp_path, kind):
-    """compile: auto compiles a long run of whatever model it is given, on a CPU too: Pythia's
-    (GPT-NeoX: parallel residual, partial rotary) and Qwen2's (q/k/v biases) layers as Llama's."""
-    _, eager = run(tiny_models[kind], tmp_path, False)
-    model, compiled = run(tiny_models[kind], tmp_path, True)
-    torch.testing.assert_close(losses(compiled), losses(eager), rtol=1e-4, atol=1e-5)
-    layers = decoder_layers(model)  # compiled layer by layer, and eager again afterwards
-    assert layers and all(layer._compiled_call_impl is None for layer in layers)
 
 
 def test_the_layers_share_one_compiled_graph(llama_dir):
