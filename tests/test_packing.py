@@ -165,7 +165,7 @@ def test_fused_head_matches_the_plain_loss_with_bias_frozen_weights_and_no_grad(
     targets = torch.randint(0, 50, (2, 13))
     targets[0, :4] = IGNORE
     targets[1, 9:] = IGNORE
-    for needs in [(True, True, True), (True, False, False), (False, True, False)]:
+    for needs in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
         leaves = [x.clone().requires_grad_(r) for x, r in zip((hidden, weight, bias), needs)]
         expected = torch.nn.functional.cross_entropy(
             torch.nn.functional.linear(leaves[0], leaves[1], leaves[2]).flatten(0, 1),
@@ -182,6 +182,12 @@ def test_fused_head_matches_the_plain_loss_with_bias_frozen_weights_and_no_grad(
     with torch.no_grad():
         plain = linear_cross_entropy(hidden, weight, bias, targets, chunk=4)
     assert not plain.requires_grad and float(plain) == pytest.approx(float(expected.detach()), rel=1e-12)
+    # No trained position at all: a zero loss, and zero gradients shaped like the inputs.
+    leaves = [x.clone().requires_grad_() for x in (hidden[:, :0], weight, bias)]
+    empty = linear_cross_entropy(*leaves, targets[:, :0], chunk=4)
+    grads = torch.autograd.grad(empty, leaves)
+    assert float(empty) == 0.0 and [g.shape for g in grads] == [x.shape for x in leaves]
+    assert all(not g.any() for g in grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
