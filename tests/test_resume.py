@@ -184,6 +184,11 @@ def test_from_continues_a_finished_run(parent_method, method, reference, data, t
     if method == parent_method:  # the parent's weights or adapter kept training: same tensors, new values
         assert got.keys() == before.keys()
         assert any(not torch.equal(got[k], before[k]) for k in got)
+    else:  # LoRA merged, then every weight trained: they moved from the merged parent's
+        assert cli.main(["export", str(parent), "--merge", str(tmp_path / "merged")]) == 0
+        merged = load_file(tmp_path / "merged" / "model.safetensors")
+        moved = [k for k in got if not torch.equal(got[k], merged[k])]
+        assert any("q_proj" in k for k in moved) and any("mlp" in k for k in moved), moved
     if method == "lora":
         adapter = json.loads((child / "final" / "adapter_config.json").read_text())
         parent_adapter = json.loads((parent / "final" / "adapter_config.json").read_text())

@@ -129,8 +129,9 @@ def _build_model(cfg: RunConfig, quantization: Any) -> tuple[Any, Any, RunConfig
     )
     has_adapter = src is not None and src.adapter is not None
     if method == "full" and has_adapter:
-        # Continuing a LoRA run as a full finetune: start from the merged weights.
-        model = model.merge_and_unload()
+        # Continuing a LoRA run as a full finetune: start from the merged weights, every one trained
+        # (the base came in frozen under its adapter).
+        model = model.merge_and_unload().requires_grad_(True)
     elif method != "full" and not has_adapter:
         lo = cfg.lora
         seed_everything(cfg.train.seed)  # the adapter's init draws from torch's RNG: same config, same start
