@@ -266,3 +266,17 @@ def test_the_eta_leaves_out_a_slow_first_step(monkeypatch, llama_dir, qa_file, t
     steps = [r for r in metrics(run.path) if "loss" in r]
     assert steps[0]["elapsed_s"] >= 1.0 and steps[0]["eta_s"] >= 5.0  # one step known: it is the guess
     assert steps[2]["eta_s"] < 0.5, steps[2]  # 3 steps left at the later steps' pace, not 1 s each
+
+
+def test_a_model_with_every_weight_frozen_is_refused(llama_dir, tmp_path):
+    """A run that could change nothing stops before its first step instead of "finishing"."""
+    from tunelab.config import TrainConfig
+    from tunelab.data.tokenize import Encoded
+    from tunelab.errors import TunelabError
+    from tunelab.training.loop import train
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).requires_grad_(False)
+    data = [Encoded([5, 6, 7, 8], [-100, 6, 7, 8])] * 4
+    with pytest.raises(TunelabError, match="no weight of the model is trainable"):
+        train(model, None, data, [], TrainConfig(max_steps=2, batch_size=2), tmp_path, quiet=True, save=False)
+    assert not (tmp_path / "metrics.jsonl").exists()

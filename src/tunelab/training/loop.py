@@ -262,6 +262,11 @@ def train(
     seed_everything(cfg.seed)
     if cfg.gradient_checkpointing:
         checkpoint_activations(model)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TunelabError(
+            "no weight of the model is trainable: the run would change nothing",
+            "a bug in how the model was prepared (every weight frozen); please report it with the command",
+        )
     model.train()
     # Several processes: `wrapped` is DDP around `model`, or `model` sharded in place by FSDP.
     wrapped = distributed.wrap(model, dist)
