@@ -61,6 +61,7 @@ def test_yaml_floats_in_exponent_form(tmp_path):
         ("--data.eval_ratio=1.5", "data.eval_ratio"),
         ("--train.gradient_checkpointing=maybe", "expected true or false"),
         ("--model.dtype=float16", "model.dtype float16 with train.method full"),
+        ("--train.adam_betas=[0.9,", "train.adam_betas: cannot read '[0.9,'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -140,3 +141,51 @@ def test_a_missing_config_points_at_the_shipped_recipes(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         load_config("configs/no-such-recipe.yaml")
     assert "tunelab ships" in e.value.hint and "world-qa.yaml" in e.value.hint, e.value.hint
+
+
+def _config_from_command_line(monkeypatch, argv):
+    """The RunConfig `tunelab ARGV` would train with (the run itself stood in)."""
+    from tunelab import cli, runner
+
+    seen = []
+
+    def stand_in(cfg, **kwargs):
+        seen.append(cfg)
+        raise KeyboardInterrupt  # stop before any model loads
+
+    monkeypatch.setattr(runner, "run", stand_in)
+    assert cli.main(argv) == 130
+    return seen[0]
+
+
+def test_command_line_settings_with_spaces_reach_the_config(monkeypatch):
+    """argparse reads "--x.y=a b" (a space in it) as a positional, i.e. as the config file: the
+    documented forms must still reach the config. A template format keeps its text (it is not YAML)
+    and its \\n, as the shell passes it, is a newline."""
+    cfg = _config_from_command_line(
+        monkeypatch,
+        [
+            "train", "--data", "qa.jsonl", "--data.fields={question: q, answer: a}",
+            "--data.template=custom", r"--data.prompt_format=Q: {question}\nA: ",
+            "--data.completion_format={answer}", "--train.adam_betas=[0.9, 0.95]",
+        ],
+    )  # fmt: skip
+    assert cfg.data.fields == {"question": "q", "answer": "a"}
+    assert cfg.data.prompt_format == "Q: {question}\nA: " and cfg.data.completion_format == "{answer}"
+    assert list(cfg.train.adam_betas) == [0.9, 0.95] and cfg.data.path == "qa.jsonl"
+
+
+def test_a_config_key_with_its_value_after_a_space_says_how_to_write_it(capsys):
+    from tunelab import cli
+
+    assert cli.main(["train", "--train.lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "'--train.lr 1e-3'" in err and "write it as --train.lr=1e-3" in err
+
+
+def test_commands_without_config_keys_refuse_them(capsys):
+    from tunelab import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "some-run", "hello", "--train.lr=1e-3"])
+    assert "unrecognized arguments: --train.lr=1e-3" in capsys.readouterr().err

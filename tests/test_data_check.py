@@ -322,3 +322,14 @@ def test_train_refuses_blocking_problems(planted, llama_dir, tmp_path):
     with pytest.raises(DataError, match="eval rows ask a prompt that train also has"):
         run(load_config(values=values))
     assert not (tmp_path / "run").exists()  # refused before a run directory or weights
+
+
+def test_cli_takes_config_keys_such_as_the_column_names(tokenizer_dir, tmp_path):
+    """Columns the check cannot place are named on its command line, as for train."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"q": f"What is {i}?", "a": f"It is {i}."} for i in range(12)])
+    code, _ = _cli(tmp_path, tokenizer_dir, "--data", str(data))
+    assert code == 2  # cannot tell the schema
+    code, out = _cli(
+        tmp_path, tokenizer_dir, "--data", str(data), "--data.fields.question=q", "--data.fields.answer=a"
+    )
+    assert code == 0 and json.loads((out / "report.json").read_text())["splits"]["train"]["rows"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,34 @@ def _check_overrides(extra: list[str]) -> list[str]:
             f"unknown arguments: {' '.join(bad)}", "config keys are given as --section.key=value"
         )
     return list(extra)
+
+
+# `--section.key=value` (a config key: a dot in the name). Taken out of argv before argparse sees
+# it: argparse reads an argument that starts with "--" but holds a space ("--data.fields={q: a}")
+# as a positional, i.e. as the config file.
+_OVERRIDE = re.compile(r"--[A-Za-z_][\w-]*(\.[\w-]+)+(=|$)")
+# Commands that take config keys; the others have their own flags only.
+_TAKES_OVERRIDES = {"train", "pretrain", "data"}
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """argv -> (the rest, for argparse; the `--section.key=value` settings, in order)."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return rest + argv[i:], overrides
+        if not _OVERRIDE.match(arg):
+            rest.append(arg)
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if "=" not in arg and following is not None and not following.startswith("-"):
+            raise TunelabError(
+                f"'{arg} {following}': a config key takes its value after '='",
+                f"write it as {arg}={following}",
+            )
+        overrides.append(arg)
+    return rest, overrides
 
 
 def _train_config(args: argparse.Namespace, extra: list[str], task: str):
@@ -174,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     rank = _rank()
     where = "" if rank is None else f" (rank {rank})"
-    args, extra = parser.parse_known_args(argv)
     try:
+        rest, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
+        args, extra = parser.parse_known_args(rest)
         if args.command in ("train", "pretrain"):
-            return cmd_train(args, extra, "sft" if args.command == "train" else "pretrain")
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            return cmd_train(args, overrides + extra, "sft" if args.command == "train" else "pretrain")
+        if extra or (overrides and args.command not in _TAKES_OVERRIDES):
+            parser.error(f"unrecognized arguments: {' '.join(overrides + extra)}")
+        args.overrides = overrides
         if args.command == "generate":
             return cmd_generate(args)
         return int(args.func(args) or 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -208,20 +209,47 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _text_key(keys: list[str]) -> Any:
+    """The annotation of this RunConfig key if it holds free text (str or str | None), else None."""
+    cls: Any = RunConfig
+    for key in keys:
+        if not dataclasses.is_dataclass(cls) or key not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        cls = typing.get_type_hints(cls)[key]
+    return cls if cls is str or cls == str | None else None
+
+
 def parse_override(arg: str) -> tuple[list[str], Any]:
-    """`--train.lr=1e-4` -> (["train", "lr"], 1e-4). Values are read as YAML scalars."""
+    """`--train.lr=1e-4` -> (["train", "lr"], 1e-4). Values are read as YAML scalars, except for
+    keys that hold free text (paths, names, template formats), which keep the text as typed; a
+    template format's `\\n` and `\\t` become a newline and a tab, as in a double-quoted YAML string."""
     body = arg[2:] if arg.startswith("--") else arg
     if "=" not in body:
         raise ConfigError(f"override '{arg}' has no value", "write it as --section.key=value")
     dotted, raw = body.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    keys = dotted.replace("-", "_").split(".")
+    text = _text_key(keys)
+    if text is not None:
+        if text is not str and raw.strip() in ("", "~", "null", "Null", "NULL"):
+            return keys, None  # unset, as YAML's null
+        if keys[-1].endswith("_format"):
+            raw = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], raw)
+        return keys, raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(
+            f"{dotted}: cannot read {raw!r} ({problem})",
+            "quote it for the shell; a list is written [a, b], a mapping {key: value}",
+        ) from None
     # YAML reads "1e-4" as a string (it wants "1.0e-4"); people write 1e-4.
     if isinstance(value, str):
         try:
             value = float(value) if any(c in value for c in ".eE") and value[0] in "0123456789.-+" else value
         except ValueError:
             pass
-    return dotted.replace("-", "_").split("."), value
+    return keys, value
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

@@ -38,7 +38,12 @@ def register(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", help="YAML config (a path or a shipped name like world-qa.yaml)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (a path or a shipped name like world-qa.yaml); any of its keys can also be "
+        "set as --section.key=value, e.g. --data.fields.question=q",
+    )
     p.add_argument("--data", help="data file or datasets folder (overrides the config's data.path)")
     p.add_argument("--eval-data", dest="eval_data", help="held-out file (default: split off eval_ratio)")
     p.add_argument("--model", help="model or tokenizer: hub id, folder, run directory, or 'world'")
@@ -84,7 +89,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     ):
         if value is not None:
             values[key] = value
-    return load_config(path, [], values)
+    return load_config(path, getattr(args, "overrides", []), values)
 
 
 def measured_tokens_per_s(name_or_path: str) -> float | None:
