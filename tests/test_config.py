@@ -62,6 +62,18 @@ def test_yaml_floats_in_exponent_form(tmp_path):
         ("--train.gradient_checkpointing=maybe", "expected true or false"),
         ("--model.dtype=float16", "model.dtype float16 with train.method full"),
         ("--train.adam_betas=[0.9,", "train.adam_betas: cannot read '[0.9,'"),
+        ("--train.adam_betas=[0.9, 1.5]", "expected two numbers in [0, 1)"),
+        ("--train.grad_clip=-1", "train.grad_clip: got -1.0, expected a positive norm"),
+        ("--train.max_steps=0", "train.max_steps: got 0, expected >= 1"),
+        ("--train.max_steps=-5", "train.max_steps: got -5"),
+        ("--train.log_every=0", "train.log_every: got 0, expected >= 1"),
+        ("--train.eval_every=-1", "train.eval_every: got -1"),
+        ("--train.save_every=-2", "train.save_every: got -2"),
+        ("--train.keep_last=-1", "train.keep_last: got -1"),
+        ("--train.micro_batch_tokens=0", "train.micro_batch_tokens: got 0"),
+        ("--train.weight_decay=-0.1", "train.weight_decay: got -0.1"),
+        ("--lora.r=0", "lora.r and lora.alpha: got 0 and 32"),
+        ("--lora.dropout=1", "lora.dropout: got 1.0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

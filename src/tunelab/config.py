@@ -325,10 +325,34 @@ def validate(cfg: RunConfig) -> None:
         )
     if t.lr <= 0:
         raise ConfigError(f"train.lr: got {t.lr}, expected a positive number")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(
+            f"train.max_steps: got {t.max_steps}, expected >= 1", "or null, to train for train.epochs"
+        )
     if t.epochs <= 0 and not t.max_steps:
         raise ConfigError("train.epochs must be positive (or set train.max_steps)")
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size: got {t.batch_size}, expected >= 1")
+    if t.micro_batch_tokens < 2:
+        raise ConfigError(f"train.micro_batch_tokens: got {t.micro_batch_tokens}, expected at least 2")
+    if t.grad_clip is not None and t.grad_clip < 0:
+        # clip_grad_norm_ would scale every gradient by a negative factor: gradient ascent.
+        raise ConfigError(
+            f"train.grad_clip: got {t.grad_clip}, expected a positive norm", "0 or null: no clipping"
+        )
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: got {t.weight_decay}, expected >= 0")
+    for key, value, least in (("log_every", t.log_every, 1), ("keep_last", t.keep_last, 0)):
+        if value < least:
+            raise ConfigError(f"train.{key}: got {value}, expected >= {least}")
+    for key, value in (("eval_every", t.eval_every), ("save_every", t.save_every)):
+        if value is not None and value < 0:
+            raise ConfigError(f"train.{key}: got {value}, expected >= 0 (or null)")
+    lo = cfg.lora
+    if lo.r < 1 or lo.alpha <= 0:
+        raise ConfigError(f"lora.r and lora.alpha: got {lo.r} and {lo.alpha}, expected positive numbers")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: got {lo.dropout}, expected 0 <= dropout < 1")
     if d.max_length is not None and t.micro_batch_tokens < d.max_length and cfg.task == "sft":
         raise ConfigError(
             f"train.micro_batch_tokens ({t.micro_batch_tokens}) is smaller than data.max_length ({d.max_length})",
@@ -336,8 +360,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: got {t.warmup_ratio}, expected 0 <= ratio < 1")
-    if len(t.adam_betas) != 2:
-        raise ConfigError(f"train.adam_betas: got {t.adam_betas}, expected two numbers")
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas: got {t.adam_betas}, expected two numbers in [0, 1)")
     if cfg.model.dtype == "float16" and t.method == "full":
         # tunelab keeps no fp32 master weights and scales no loss: in fp16 small gradients underflow to
         # zero and small updates round away, without a word.
