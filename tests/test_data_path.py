@@ -155,3 +155,21 @@ def test_encode_records_and_pretrain_chunks(tokenizer):
     expected += tokenizer("four five")["input_ids"] + [tokenizer.eos_token_id]
     assert stream == expected[: len(stream)] and all(c.labels == c.input_ids for c in chunks)
     assert all(len(c.input_ids) <= 4 for c in chunks)
+
+
+def test_messages_without_a_chat_template_point_at_a_model_that_has_one(tmp_path):
+    """Messages rows can only take the chat template: the hint must not send users to qa / alpaca,
+    which refuse messages."""
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tok", chat_template=False)
+    record = Record(
+        "d.jsonl",
+        1,
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+    )
+    with pytest.raises(ConfigError) as e:
+        templates.render(record, templates.resolve("chat", "messages"), tokenizer)
+    assert "chat template" in e.value.hint and "qa" not in e.value.hint
+    with pytest.raises(ConfigError, match="cannot render OpenAI messages"):
+        templates.resolve("qa", "messages")

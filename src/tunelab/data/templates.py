@@ -139,7 +139,10 @@ def _render_chat(record: Record, tokenizer: Any) -> list[Segment]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "template 'chat' needs a tokenizer with a chat template, and this one has none",
-            "use template: qa / alpaca / custom, or a model whose tokenizer ships a chat template",
+            "messages rows need one: use a model (or model.tokenizer) whose tokenizer ships a chat "
+            "template, e.g. an instruct model's"
+            if "messages" in record.values
+            else "use template: qa / alpaca / custom, or a model whose tokenizer ships a chat template",
         )
     messages = record.values["messages"]
     segments: list[Segment] = []
