@@ -280,3 +280,35 @@ def test_a_model_with_every_weight_frozen_is_refused(llama_dir, tmp_path):
     with pytest.raises(TunelabError, match="no weight of the model is trainable"):
         train(model, None, data, [], TrainConfig(max_steps=2, batch_size=2), tmp_path, quiet=True, save=False)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_missing_or_empty_model_path_says_so(monkeypatch, tmp_path):
+    """A mistyped local path is not sent to the hub (or the offline cache); a hub id still is."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    for name in ("runs/nope", "./nope", str(tmp_path / "a" / "b")):
+        with pytest.raises(ModelLoadError, match="no such model folder"):
+            load_model(name)
+    with pytest.raises(ModelLoadError, match="is a folder with no model in it"):
+        load_model("runs/empty")
+    with pytest.raises(ModelLoadError, match="offline mode is on"):
+        load_model("Qwen/Qwen2.5-0.5B")  # a dot in a hub id is not a file suffix
+
+
+def test_an_unfinished_run_points_at_its_best_model(llama_dir, qa_file, tmp_path):
+    run = fit(llama_dir, qa_file, tmp_path / "r", max_steps=4, eval_every=2)
+    import shutil
+
+    shutil.rmtree(run.path / "final")
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(run.path))
+    assert f"use {run.path / 'best'}" in e.value.hint and "--resume" in e.value.hint
+    assert load_model(str(run.path / "best"))[0] is not None
+
+
+def test_load_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(tunelab.TunelabError, match="no such folder"):
+        tunelab.load(tmp_path / "nope")
+    with pytest.raises(tunelab.TunelabError, match="not a tunelab run directory"):
+        tunelab.load(tmp_path)

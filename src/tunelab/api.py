@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import RunConfig, load_config
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 
 _SECTIONS = ("model", "data", "train", "lora")
 
@@ -51,7 +51,10 @@ class Run:
         return load_config(self.path / "config.yaml")
 
     def metrics(self) -> list[dict[str, Any]]:
-        lines = (self.path / "metrics.jsonl").read_text().splitlines()
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            raise TunelabError(f"{self.path} has no metrics.jsonl (has its training started?)")
+        lines = path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
     @cached_property
@@ -108,4 +111,8 @@ def pretrain(
 
 
 def load(path: str | Path) -> Run:
+    """A run directory (what `tunelab train` printed as "run directory") as a `Run`."""
+    if not (Path(path) / "config.yaml").is_file():
+        what = "no such folder" if not Path(path).exists() else "not a tunelab run directory (no config.yaml)"
+        raise TunelabError(f"{path}: {what}", 'pass the folder `tunelab train` printed as "run directory"')
     return Run(path)

@@ -56,9 +56,12 @@ def resolve_source(name_or_path: str) -> ModelSource:
     if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():
         final = p / "final"
         if not final.is_dir():
+            best = p / "best"
+            saved = any((best / f).exists() for f in ("config.json", "adapter_config.json"))
             raise ModelLoadError(
                 f"run directory {p} has no final/ model (did training finish?)",
-                f"resume it with `tunelab train --resume {p}` or pick a checkpoint folder",
+                (f"use {best}, the best model it saved so far, or " if saved else "")
+                + f"resume it with `tunelab train --resume {p}`",
             )
         src = resolve_source(str(final))
         return ModelSource(src.model, src.adapter, p)
@@ -71,10 +74,25 @@ def resolve_source(name_or_path: str) -> ModelSource:
 
 def _load_error(name: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix != ""
-    if looks_local or Path(name).exists():
+    path = Path(name).expanduser()
+    if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
+        return ModelLoadError(
+            f"'{name}' is a folder with no model in it (no config.json)",
+            "pass a folder written by save_pretrained or `tunelab export`, a run directory, or a hub id",
+        )
+    if path.exists():
         return ModelLoadError(
             f"cannot load a model from '{name}': {err}", "check the path holds config.json and weights"
+        )
+    # A hub id is "name" or "org/name"; a path that is not there is not a hub id to look up.
+    looks_local = (
+        name.startswith((".", "/", "~"))
+        or len(path.parts) > 2
+        or (len(path.parts) == 2 and path.parent.is_dir())
+    )
+    if looks_local:
+        return ModelLoadError(
+            f"no such model folder: '{name}'", f"check the path (relative paths start from {Path.cwd()})"
         )
     if offline:
         return ModelLoadError(
