@@ -363,3 +363,48 @@ def test_a_resumed_run_compiles_or_not_as_the_run_began(
         assert "of steps uncompiled" not in said  # not timed again
         assert ("it fits:" in said) == (where == "gpu"), said
         assert_same_run(root / "run", root / "reference")
+
+
+def test_the_logged_loss_is_the_windows_and_a_resume_inside_a_window_logs_it_alike(
+    llama_dir, data, tmp_path, monkeypatch
+):
+    """With log_every=4 each record's loss is the mean over its four steps per trained token (the
+    steps' own losses from a log_every=1 run, which trains alike); a run stopped at step 10's
+    checkpoint, inside the window of steps 9-12, resumes to the same records."""
+
+    class Stop(Exception):
+        pass
+
+    def args(out, log_every):
+        return [a if not a.startswith("--train.log_every") else f"--train.log_every={log_every}"
+                for a in train_args(llama_dir, data, out, "full")]  # fmt: skip
+
+    assert cli.main(args(tmp_path / "each", 1)) == 0
+    assert cli.main(args(tmp_path / "window", 4)) == 0
+    steps = {r[0]: r[1] for r in logged(tmp_path / "each") if r[1] is not None}
+    records = {r[0]: r[1] for r in logged(tmp_path / "window") if r[1] is not None}
+    assert sorted(records) == [4, 8, 12, 16, 20, 24, 28, 30]
+    # Trained tokens per step, as each record says.
+    rows = [json.loads(line) for line in (tmp_path / "each" / "metrics.jsonl").read_text().splitlines()]
+    targets = {r["step"]: r["targets"] for r in rows if "targets" in r}
+    previous = 0
+    for end, loss in sorted(records.items()):
+        window = range(previous + 1, end + 1)
+        expected = sum(steps[s] * targets[s] for s in window) / sum(targets[s] for s in window)
+        assert loss == pytest.approx(expected, rel=1e-12), end
+        previous = end
+    assert len(set(records.values())) == len(records)
+
+    real_save = checkpoint.save
+
+    def save_then_stop(folder, step, *a, **k):
+        real_save(folder, step, *a, **k)
+        if step == SAVE_EVERY:
+            raise Stop
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(Stop):
+        cli.main(args(tmp_path / "stopped", 4))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert cli.main(["train", "--resume", str(tmp_path / "stopped"), "--quiet"]) == 0
+    assert logged(tmp_path / "stopped") == logged(tmp_path / "window")

@@ -306,6 +306,10 @@ def train(
 
     start_step, best_eval, best_step, last_eval = 0, math.inf, None, None
     ran_compiled = None  # resumed: whether the run trained compiled (compile: auto goes on as it began)
+    # The logged loss is the mean over the steps since the last log line, per trained token: the
+    # window's summed loss and its trained tokens (a checkpoint keeps them, so a resumed run logs
+    # what the uninterrupted one does).
+    window_loss, window_targets = 0.0, 0
     data_id = checkpoint.fingerprint(train_examples)
     distributed.check_same_data(data_id, dist)
     if resume_from is not None:
@@ -321,6 +325,7 @@ def train(
         best_eval = meta.get("best_eval_loss") or math.inf
         best_step = meta.get("best_step")
         ran_compiled = meta.get("compiled")
+        window_loss, window_targets = meta.get("loss_window", (0.0, 0))
         log.print(f"resumed from {resume_from} at step {start_step}")
         log.advance(start_step)
 
@@ -504,10 +509,12 @@ def train(
         run_tokens += sum(b.n_tokens for b in micro_batches)
         if step == start_step:
             first_step_s = time.perf_counter() - t0
-        loss_value = step_loss
+        window_loss += step_loss * n_targets
+        window_targets += n_targets
         done = step + 1
 
         if done % cfg.log_every == 0 or done == total_steps:
+            loss_value = window_loss / window_targets if window_targets else step_loss
             tokens_per_s = window_tokens / max(window_time, 1e-9)
             elapsed = time.perf_counter() - t0
             record = {
@@ -517,6 +524,7 @@ def train(
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "tokens": window_tokens,  # real tokens since the last log line
+                "targets": window_targets,  # of which trained (with a label): the loss's weights
                 "tokens_per_s": tokens_per_s,
                 "elapsed_s": elapsed,
                 "eta_s": (elapsed - first_step_s) / (done - start_step - 1) * (total_steps - done)
@@ -527,7 +535,8 @@ def train(
             }
             log.log(record)
             window_tokens, window_time = 0, 0.0
-        log.advance(done, f"loss {loss_value:.4f}")
+            window_loss, window_targets = 0.0, 0
+        log.advance(done, f"loss {step_loss:.4f}")
         if eval_every and done % eval_every == 0 and done != total_steps:
             run_eval(done)
         if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
@@ -538,6 +547,7 @@ def train(
                 "best_eval_loss": best_eval if best_step else None,
                 "best_step": best_step,
                 "compiled": compiled,  # what compile: auto decided, for a resumed run to go on alike
+                "loss_window": [window_loss, window_targets],  # steps not logged yet
             }
             # Several processes: every rank helps gather the state (FSDP), rank 0 alone writes it.
             replicas_agree(f"at step {done}")
