@@ -408,3 +408,15 @@ def test_the_logged_loss_is_the_windows_and_a_resume_inside_a_window_logs_it_ali
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert cli.main(["train", "--resume", str(tmp_path / "stopped"), "--quiet"]) == 0
     assert logged(tmp_path / "stopped") == logged(tmp_path / "window")
+
+
+def test_resuming_a_finished_run_without_checkpoints_says_it_finished(llama_dir, data, tmp_path):
+    run = tmp_path / "run"
+    args = [a for a in train_args(llama_dir, data, run, "lora") if not a.startswith("--train.save_every")]
+    assert cli.main([*args, "--train.max_steps=2"]) == 0
+    with pytest.raises(TunelabError, match="finished .* and wrote no checkpoint") as e:
+        runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+    assert f"--from {run}" in e.value.hint
+    shutil.rmtree(run / "final")  # interrupted before any checkpoint
+    with pytest.raises(TunelabError, match="no complete checkpoint"):
+        runner.run(runner.config_for_resume(run), quiet=True, resume=run)

@@ -165,6 +165,11 @@ def run(
     if resume is not None:
         run_dir = Path(resume)
         found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+        if not found and (run_dir / "final").is_dir():
+            raise TunelabError(
+                f"{run_dir} finished (its final/ model is there) and wrote no checkpoint: nothing to resume",
+                f"train on from its weights in a new run: tunelab train --from {run_dir}",
+            )
         if not found:
             raise TunelabError(
                 f"no complete checkpoint in {run_dir}/checkpoints", "set train.save_every to write them"
