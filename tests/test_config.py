@@ -201,3 +201,18 @@ def test_commands_without_config_keys_refuse_them(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "some-run", "hello", "--train.lr=1e-3"])
     assert "unrecognized arguments: --train.lr=1e-3" in capsys.readouterr().err
+
+
+def test_a_recipe_for_the_other_task_is_refused(tmp_path, capsys):
+    """`tunelab train` over a pretraining recipe would cut its documents as SFT examples (and the
+    reverse): refused, before anything loads, from the CLI and from Python."""
+    import tunelab
+    from tunelab import cli
+
+    assert cli.main(["train", str(CONFIGS[0].parent / "world-base.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "is a pretrain config (task: pretrain), and this runs sft" in err and "tunelab pretrain" in err
+    assert cli.main(["pretrain", str(CONFIGS[0].parent / "world-qa.yaml")]) == 2
+    assert "`tunelab train`" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is a pretrain config"):
+        tunelab.train(config=CONFIGS[0].parent / "world-base.yaml")

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import RunConfig, load_config
+from tunelab.config import RunConfig, check_task, load_config
 from tunelab.errors import ConfigError, TunelabError
 
 _SECTIONS = ("model", "data", "train", "lora")
@@ -72,6 +72,7 @@ class Run:
 def _run(task: str, config: str | Path | None, quiet: bool, overwrite: bool, values: dict[str, Any]) -> Run:
     from tunelab.runner import run
 
+    check_task(config, task)
     cfg = load_config(config, values={"task": task, **{_dotted(k): v for k, v in values.items()}})
     return Run(run(cfg, quiet=quiet, overwrite=overwrite).run_dir)
 

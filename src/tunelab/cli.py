@@ -55,8 +55,9 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _train_config(args: argparse.Namespace, extra: list[str], task: str):
-    from tunelab.config import load_config
+    from tunelab.config import check_task, load_config
 
+    check_task(args.config, task)  # a recipe written for the other task (not --from's: its run's own)
     values: dict[str, object] = {"task": task}
     if args.model:
         values["model.name_or_path"] = args.model

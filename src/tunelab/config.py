@@ -309,6 +309,24 @@ def load_config(
     return cfg
 
 
+def check_task(path: str | Path | None, task: str) -> None:
+    """A config file whose `task` is not the one asked (`tunelab train` with a pretraining recipe, or
+    the reverse) is refused: run as the other task, its data would be cut and trained otherwise."""
+    if path is None or not Path(path).is_file():
+        return  # load_config says what is missing
+    try:
+        written = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("task")
+    except (yaml.YAMLError, AttributeError):
+        return  # load_config says what is wrong with it
+    if written is not None and written != task:
+        command = {"sft": "train", "pretrain": "pretrain"}
+        raise ConfigError(
+            f"{path} is a {written} config (task: {written}), and this runs {task}",
+            f"run it with `tunelab {command.get(written, written)}` "
+            f"(tunelab.{command.get(written, written)} from Python), or set its task to {task}",
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks across keys that types alone cannot express."""
     d, t = cfg.data, cfg.train
