@@ -173,3 +173,40 @@ def test_messages_without_a_chat_template_point_at_a_model_that_has_one(tmp_path
     assert "chat template" in e.value.hint and "qa" not in e.value.hint
     with pytest.raises(ConfigError, match="cannot render OpenAI messages"):
         templates.resolve("qa", "messages")
+
+
+@pytest.mark.parametrize(
+    ("schema", "row"),
+    [
+        ("alpaca", {"instruction": "Translate to French", "input": "word 99", "output": "mot 99"}),
+        ("alpaca", {"instruction": "Name a colour", "input": "", "output": "red"}),
+        ("qa", {"question": "What is 2+2?", "answer": "4", "id": 7}),
+    ],
+)
+def test_a_batch_files_row_is_prompted_as_training_rendered_it(tokenizer, tmp_path, schema, row):
+    """`tunelab generate --file` rows: every field the template names reaches the prompt (an Alpaca
+    row's `input` too, with the preamble training used), not the first prompt-like field alone."""
+    from tunelab.generate import Generator, read_prompts
+
+    template = templates.resolve("auto", schema)
+    record = Record("d.jsonl", 1, {k: v for k, v in row.items() if isinstance(v, str)})
+    trained_prompt = "".join(s.text for s in templates.render(record, template, tokenizer) if not s.train)
+    answer = row.get("output", row.get("answer"))
+    batch = write_jsonl(tmp_path / "b.jsonl", [{k: v for k, v in row.items() if v != answer}])
+    [prompt] = read_prompts(batch)
+    assert Generator(None, tokenizer, template).render(prompt) == trained_prompt
+
+
+def test_a_batch_files_chat_row_is_prompted_up_to_its_reference_answer(tokenizer, tmp_path):
+    from tunelab.generate import Generator, prompt_of, read_prompts
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima."},
+    ]
+    template = templates.resolve("auto", "messages")
+    segments = templates.render(Record("d.jsonl", 1, {"messages": messages}), template, tokenizer)
+    [prompt] = read_prompts(write_jsonl(tmp_path / "b.jsonl", [{"messages": messages}]))
+    assert Generator(None, tokenizer, template).render(prompt) == segments[0].text
+    assert prompt_of(prompt) == "Capital of Peru?"

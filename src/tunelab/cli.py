@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tunelab.generate import Generator, read_prompts
+    from tunelab.generate import Generator, prompt_of, read_prompts
 
     gen = Generator.load(args.model, device=args.device)
     prompts = read_prompts(args.file) if args.file else [args.prompt]
@@ -128,7 +128,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = Path(args.output or Path(args.file).with_suffix(".predictions.jsonl"))
         with out.open("w", encoding="utf-8") as f:
             for p, a in zip(prompts, answers):
-                f.write(json.dumps({"prompt": p, "completion": a}, ensure_ascii=False) + "\n")
+                row = {k: v for k, v in p.items() if k != "messages"} if isinstance(p, dict) else {}
+                row = {**row, "prompt": prompt_of(p), "completion": a}  # the row's fields kept (ids, input)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {len(answers)} completions to {out}")
     else:
         print(answers[0])
@@ -166,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="run directory, HF folder or hub id")
     g.add_argument("prompt", nargs="?", help="the question / instruction")
     g.add_argument(
-        "--file", help="JSONL (prompt/question/instruction/input field) or text file, one per line"
+        "--file",
+        help="JSONL rows rendered as training renders them (a prompt/question/instruction/input field "
+        "and whatever else the template names, e.g. Alpaca's input; or messages), or a text file, "
+        "one prompt per line; the output keeps each row's fields",
     )
     g.add_argument("--output", help="where batch predictions go (JSONL)")
     g.add_argument("--max-new-tokens", type=int, default=128)

@@ -13,6 +13,12 @@ from tunelab.data.templates import Template, chat_prompt, prompt_text
 from tunelab.errors import DataError
 from tunelab.models import load_model, load_template
 
+# A prompt: its text, or a whole data row (a batch file's JSONL line), rendered as training rendered
+# rows: every field the template names (Alpaca's `input` too), or a chat's messages.
+Prompt = str | dict[str, Any]
+# The field that holds a row's prompt text, first found first.
+PROMPT_KEYS = ("prompt", "question", "instruction", "input")
+
 # End-of-turn tokens of common chat templates; generation stops on any the tokenizer knows.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
@@ -62,7 +68,10 @@ class Generator:
         model.eval()
         return cls(model, tok, template)
 
-    def render(self, text: str) -> str:
+    def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, dict):
+            return self._render_row(prompt)
+        text = prompt
         if self.template is None or self.template.name == "none":
             return text
         if self.template.name == "chat":
@@ -71,6 +80,26 @@ class Generator:
 
         role = PROMPT_ROLE.get(self.template.schema, "prompt")
         return prompt_text(self.template, {role: text, "prompt": text})
+
+    def _render_row(self, row: dict[str, Any]) -> str:
+        messages = row.get("messages")
+        if (
+            isinstance(messages, list)
+            and messages
+            and self.template is not None
+            and self.template.name == "chat"
+        ):
+            if messages[-1].get("role") == "assistant":  # the reference answer: not part of the prompt
+                messages = messages[:-1]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        key = prompt_key(row)
+        if self.template is None or self.template.name in ("none", "chat"):
+            return self.render(str(row[key]))
+        from tunelab.data.schema import PROMPT_ROLE
+
+        role = PROMPT_ROLE.get(self.template.schema, "prompt")
+        values = {k: v for k, v in row.items() if isinstance(v, str) and k != key}
+        return prompt_text(self.template, {**values, role: str(row[key]), "prompt": str(row[key])})
 
     def stop_ids(self) -> list[int]:
         ids = set()
@@ -84,7 +113,7 @@ class Generator:
 
     def generate(
         self,
-        prompts: list[str],
+        prompts: list[Prompt],
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -99,7 +128,7 @@ class Generator:
     @torch.no_grad()
     def generate_detailed(
         self,
-        prompts: list[str],
+        prompts: list[Prompt],
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -122,7 +151,8 @@ class Generator:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             ids = [
-                prefix + tok(p if raw else self.render(p), add_special_tokens=False)["input_ids"]
+                prefix
+                + tok(self.render(p) if not raw else prompt_of(p), add_special_tokens=False)["input_ids"]
                 for p in chunk
             ]
             pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
@@ -149,12 +179,30 @@ class Generator:
         return outputs
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """A batch file: JSONL with a `prompt` (or `question`/`instruction`/`input`) field, or plain lines."""
+def prompt_key(row: dict[str, Any]) -> str:
+    """The field of a data row that holds its prompt text."""
+    return next(k for k in PROMPT_KEYS if k in row)
+
+
+def prompt_of(prompt: Prompt) -> str:
+    """A prompt's own text: a row's prompt field (a chat row's last user turn)."""
+    if not isinstance(prompt, dict):
+        return prompt
+    messages = prompt.get("messages")
+    if isinstance(messages, list):
+        users = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1]) if users else ""
+    return str(prompt[prompt_key(prompt)])
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """A batch file: JSONL rows, each rendered whole as training renders rows (a `prompt`, `question`,
+    `instruction` or `input` field and whatever else the template names, or `messages`), or plain
+    lines of text."""
     p = Path(path)
     if not p.exists():
         raise DataError("file not found", source=str(p))
-    prompts = []
+    prompts: list[Prompt] = []
     for number, line in enumerate(p.read_text(encoding="utf-8-sig").split("\n"), start=1):
         if not line.strip():
             continue
@@ -163,17 +211,15 @@ def read_prompts(path: str | Path) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"not valid JSON ({e.msg})", source=str(p), line=number) from None
-            key = next(
-                (
-                    k
-                    for k in ("prompt", "question", "instruction", "input")
-                    if isinstance(row, dict) and k in row
-                ),
-                None,
-            )
-            if key is None:
-                raise DataError("no prompt/question/instruction/input field", source=str(p), line=number)
-            prompts.append(str(row[key]))
+            if not isinstance(row, dict) or not (
+                any(k in row for k in PROMPT_KEYS) or isinstance(row.get("messages"), list)
+            ):
+                raise DataError(
+                    "no prompt/question/instruction/input field, and no messages list",
+                    source=str(p),
+                    line=number,
+                )
+            prompts.append(row)
         else:
             prompts.append(line.rstrip("\r"))
     return prompts
