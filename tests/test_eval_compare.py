@@ -259,3 +259,48 @@ def test_eval_cli_on_a_run_directory(tmp_path, tiny_models, qa_file):
     with pytest.raises(TunelabError, match="--train-data"):
         args = _parser().parse_args(["compare", f"fewshot:1:{tiny_models['llama']}", "--data", str(qa_file)])
         args.func(args)
+
+
+def test_the_eval_loss_of_conversations_scores_every_assistant_turn_as_training_does(tiny_models):
+    from tunelab.data.dataset import encode_records
+    from tunelab.training.loop import evaluate
+
+    def turns(*texts):
+        roles = ["system"] + ["user", "assistant"] * len(texts)
+        return {"messages": [{"role": r, "content": t} for r, t in zip(roles, ("Be brief.", *texts))]}
+
+    rows = [
+        turns("Capital of Peru?", "Lima.", "And of Chile?", "Santiago."),
+        turns("Capital of Kenya?", "Nairobi.", "Of Egypt?", "Cairo.", "Of Japan?", "Tokyo."),
+    ]
+    examples = examples_from_rows(rows)
+    res = compare(
+        [str(tiny_models["qwen2"])], rows, EvalSettings(template="chat", max_new_tokens=1, device="cpu")
+    )
+    g = Generator.load(str(tiny_models["qwen2"]), device="cpu")
+    chat = templates.resolve("chat", "messages")
+    expected = evaluate(
+        g.model,
+        encode_records([e.record for e in examples], chat, g.tokenizer, 512),
+        8192,
+        torch.device("cpu"),
+    )
+    assert res.models[0].loss == pytest.approx(expected, rel=1e-5)
+    # The generation prompt is still the conversation up to its last answer.
+    assert (
+        res.models[0]
+        .predictions[0]
+        .prompt.rstrip()
+        .endswith("And of Chile?<|im_end|>\n<|im_start|>assistant")
+    )
+
+
+def test_fewshot_answers_under_alpaca_stop_at_either_preamble():
+    from tunelab.evaluate.predict import shot_stops
+
+    stops = shot_stops(templates.resolve("alpaca", "alpaca"))
+    assert [s.split(".")[0] for s in stops] == [
+        "Below is an instruction that describes a task, paired with an input that provides further context",
+        "Below is an instruction that describes a task",
+    ]
+    assert shot_stops(QA) == ["### Question:"] and shot_stops(None) == ["\n\n"]

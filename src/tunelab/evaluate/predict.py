@@ -179,8 +179,9 @@ def _as_template_record(ex: Example, template: Template) -> Record:
 
 
 def segments(ex: Example, template: Template | None, tokenizer: Any, shots: list[Example]) -> list[Segment]:
-    """The example as text segments; only the final answer is trained (scored by the eval loss), and
-    everything before it is the prompt the model generates from."""
+    """The example as text segments, ending with its final answer; everything before that answer is
+    the prompt the model generates from. The eval loss scores the example's own answers, every
+    assistant turn of a conversation as training's evaluation does, never the shots'."""
     if template is None or template.name == "none":
         return [Segment(ex.question, False), Segment(ex.reference, True)]
     if template.name == "chat":
@@ -196,16 +197,21 @@ def segments(ex: Example, template: Template | None, tokenizer: Any, shots: list
             segs += templates.render(_as_template_record(s, template), template, tokenizer)
             segs.append(Segment(SHOT_SEPARATOR, False))
         segs += templates.render(_as_template_record(ex, template), template, tokenizer)
-    last = max(i for i, s in enumerate(segs) if s.train)
-    return [Segment(s.text, s.train and i == last) for i, s in enumerate(segs[: last + 1])]
+    trained = [i for i, s in enumerate(segs) if s.train]  # each shot's answer is one, first
+    scored = set(trained[len(shots) :])
+    return [Segment(s.text, i in scored) for i, s in enumerate(segs[: trained[-1] + 1])]
 
 
-def shot_stop(template: Template | None) -> str:
-    """Where the next few-shot example would start: a few-shot answer ends there."""
+def shot_stops(template: Template | None) -> list[str]:
+    """Where the next few-shot example would start: a few-shot answer ends there. Alpaca's prompt
+    opens with one of two preambles (with an input or without), so both stop it."""
     if template is None or template.name in ("chat", "none"):
-        return SHOT_SEPARATOR
-    head = template.prompt_format.split("{", 1)[0].strip().split("\n", 1)[0].strip()
-    return head or SHOT_SEPARATOR
+        return [SHOT_SEPARATOR]
+    formats = [template.prompt_format]
+    if template.name == "alpaca" and template.prompt_format == templates.ALPACA_PROMPT:
+        formats.append(templates.ALPACA_PROMPT_NO_INPUT)
+    heads = [f.split("{", 1)[0].strip().split("\n", 1)[0].strip() for f in formats]
+    return list(dict.fromkeys(h for h in heads if h)) or [SHOT_SEPARATOR]
 
 
 def pick_shots(pool: list[Example], k: int, seed: int, test: list[Example]) -> list[Example]:
@@ -310,7 +316,7 @@ def evaluate_contender(
         )
         segs = [segments(ex, template, gen.tokenizer, shots) for ex in examples]
         prompts = ["".join(s.text for s in seg[:-1]) for seg in segs]
-        stop = [shot_stop(template)] if shots else None
+        stop = shot_stops(template) if shots else None
         generations = _generate(gen, prompts, settings, stop, label or contender.spec)
         rules = error_rules.ErrorRules(format_regex=settings.format_regex)
         predictions = _predictions(examples, generations, prompts, metrics, rules)
