@@ -304,3 +304,27 @@ def test_fewshot_answers_under_alpaca_stop_at_either_preamble():
         "Below is an instruction that describes a task",
     ]
     assert shot_stops(QA) == ["### Question:"] and shot_stops(None) == ["\n\n"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens: got 0"),
+        (["--max-new-tokens", "-1"], "max_new_tokens: got -1"),
+        (["--temperature", "-1"], "expected temperature >= 0"),
+        (["--top-p", "0"], "0 < top_p <= 1"),
+    ],
+)
+def test_generate_refuses_decoding_settings_it_cannot_honour(llama_dir, capsys, tmp_path, flags, message):
+    from tunelab.cli import main
+
+    assert main(["generate", "no/such-model", "Hello", *flags]) == 2  # refused before it loads
+    assert message in capsys.readouterr().err
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert main(["eval", "no/such-model", "--data", str(data), *flags]) == 2
+    assert message in capsys.readouterr().err
+    gen = Generator.load(str(llama_dir), device="cpu")
+    with pytest.raises(TunelabError, match=message.replace("(", r"\(")):
+        gen.generate(["Hello"], int(flags[1]) if "tokens" in flags[0] else 4,
+                     float(flags[1]) if "temp" in flags[0] else 0.0, float(flags[1]) if "top" in flags[0] else 1.0)  # fmt: skip

@@ -113,8 +113,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tunelab.generate import Generator, prompt_of, read_prompts
+    from tunelab.generate import Generator, check_decoding, prompt_of, read_prompts
 
+    check_decoding(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
     gen = Generator.load(args.model, device=args.device)
     prompts = read_prompts(args.file) if args.file else [args.prompt]
     if not prompts or prompts == [None]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tunelab.data.templates import Template, chat_prompt, prompt_text
-from tunelab.errors import DataError
+from tunelab.errors import DataError, TunelabError
 from tunelab.models import load_model, load_template
 
 # A prompt: its text, or a whole data row (a batch file's JSONL line), rendered as training rendered
@@ -51,6 +51,18 @@ def decoding(temperature: float, top_p: float, stops: list[int], pad: int) -> di
         "eos_token_id": stops,
         "pad_token_id": pad,
     }
+
+
+def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse what generate() cannot honour, before a model loads (transformers raises deep inside,
+    or silently decodes greedily for a negative temperature)."""
+    if max_new_tokens < 1:
+        raise TunelabError(f"max_new_tokens: got {max_new_tokens}, expected at least 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise TunelabError(
+            f"temperature {temperature}, top_p {top_p}: expected temperature >= 0 (0 = greedy) "
+            "and 0 < top_p <= 1"
+        )
 
 
 @dataclass
@@ -141,6 +153,7 @@ class Generator:
         a generation (the text is cut before them), e.g. the next question of a few-shot prompt."""
         from tunelab.data.tokenize import special_prefix
 
+        check_decoding(max_new_tokens, temperature, top_p)
         tok = self.tokenizer
         device = next(self.model.parameters()).device
         if seed is not None:

@@ -116,7 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _settings(args: argparse.Namespace):
     from tunelab.evaluate.predict import EvalSettings
+    from tunelab.generate import check_decoding
 
+    check_decoding(args.max_new_tokens, args.temperature, args.top_p)  # before any model loads
     return EvalSettings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
