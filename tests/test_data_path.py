@@ -157,6 +157,23 @@ def test_encode_records_and_pretrain_chunks(tokenizer):
     assert all(len(c.input_ids) <= 4 for c in chunks)
 
 
+def test_pretraining_frames_each_document_as_the_tokenizer_does():
+    """A tokenizer that puts BOS before text (Llama's) gets it before every document, as generation
+    and finetuning put it before every prompt; then the text, then EOS."""
+
+    class WithBos:
+        eos_token_id, bos = 2, 1
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [100 + ord(c) for c in text]
+            return {"input_ids": [self.bos] * add_special_tokens + ids}
+
+    tok = WithBos()
+    chunks = pack_documents(["ab", "c"], tok, 3)
+    assert [c.input_ids for c in chunks] == [[1, 197, 198], [2, 1, 199]]  # a last [2] predicts nothing
+    assert [c.labels for c in chunks] == [c.input_ids for c in chunks]
+
+
 def test_messages_without_a_chat_template_point_at_a_model_that_has_one(tmp_path):
     """Messages rows can only take the chat template: the hint must not send users to qa / alpaca,
     which refuse messages."""

@@ -13,7 +13,7 @@ from tunelab.data import formats, schema, templates
 from tunelab.data.formats import Reject
 from tunelab.data.schema import Record
 from tunelab.data.templates import Template
-from tunelab.data.tokenize import IGNORE, Encoded, encode_many
+from tunelab.data.tokenize import IGNORE, Encoded, encode_many, special_prefix
 from tunelab.errors import DataError
 
 
@@ -116,11 +116,14 @@ def encode_records(
 
 
 def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[Encoded]:
-    """Pretraining: documents joined with EOS into one stream, cut into chunks; every token is trained."""
+    """Pretraining: documents joined into one stream, cut into chunks; every token is trained. Each
+    document is framed as the model will meet text later: the tokenizer's own prefix (a Llama
+    tokenizer's BOS, which generation and finetuning put before every prompt), the text, EOS."""
     eos = tokenizer.eos_token_id
+    prefix = special_prefix(tokenizer)
     stream: list[int] = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.extend(prefix + tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
     chunks = [stream[i : i + chunk_length] for i in range(0, len(stream), chunk_length)]
