@@ -204,8 +204,9 @@ def test_chat_rows_empty_turns_and_lengths(tmp_path, tokenizer):
     assert report.template == "chat"
     assert report.splits["train"].empty_fields == {"messages.system": 1, "messages.user": 1}
     assert report.splits["eval"].empty_fields == {"messages.system": 1}
-    # The trained part is the assistant turn with the template's end-of-turn markup; no EOS added.
-    completions = [_n(tokenizer, "hello<|im_end|>\n"), _n(tokenizer, "ok<|im_end|>\n")]
+    # The trained part is the assistant turn with the template's end-of-turn token (not the newline
+    # after it); no EOS added.
+    completions = [_n(tokenizer, "hello<|im_end|>"), _n(tokenizer, "ok<|im_end|>")]
     assert report.splits["train"].completion_tokens == quantiles(completions)
     assert report.leaked == 0
 

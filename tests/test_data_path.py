@@ -85,8 +85,14 @@ def test_chat_template_trains_every_assistant_turn(tokenizer):
     ]
     segs = templates.render(rec(messages=messages), t, tokenizer)
     trained = [s.text for s in segs if s.train]
-    assert trained == ["hello<|im_end|>\n", "Lima<|im_end|>\n"]
+    # Each turn up to its end token; the newline the template writes after it is markup, untrained.
+    assert trained == ["hello<|im_end|>", "Lima<|im_end|>"]
     assert "".join(s.text for s in segs) == tokenizer.apply_chat_template(messages, tokenize=False)
+    [encoded] = encode_records([rec(messages=messages)], t, tokenizer, 256)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert encoded.input_ids[-len(newline) :] == newline and set(encoded.labels[-len(newline) :]) == {IGNORE}
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert encoded.labels[-len(newline) - 1] == end  # the end token itself is trained
 
 
 def test_schema_detection_and_mapping():

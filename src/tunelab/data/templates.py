@@ -162,9 +162,26 @@ def _render_chat(record: Record, tokenizer: Any) -> list[Segment]:
                 hint="use a single assistant turn per row, or a template without history rewriting",
             )
         segments.append(Segment(prefix[len(done) :], False))
-        segments.append(Segment(full[len(prefix) :], True))
+        answer = full[len(prefix) :]
+        # Whitespace the template writes after the turn's end token ("<|im_end|>\n") is markup
+        # between turns, not the answer: the model stops at the end token and never writes it.
+        body = answer.rstrip()
+        if body != answer and body.endswith(tuple(_end_tokens(tokenizer))):
+            segments += [Segment(body, True), Segment(answer[len(body) :], False)]
+        else:
+            segments.append(Segment(answer, True))
         done = full
     return [s for s in segments if s.text]
+
+
+def _end_tokens(tokenizer: Any) -> set[str]:
+    """The tokenizer's special and added tokens (a turn's end token is one of them)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    try:
+        tokens |= set(tokenizer.get_added_vocab())
+    except (AttributeError, NotImplementedError):
+        pass
+    return {t for t in tokens if t.strip()}
 
 
 def chat_prompt(tokenizer: Any, user_text: str) -> str:
