@@ -328,3 +328,31 @@ def test_generate_refuses_decoding_settings_it_cannot_honour(llama_dir, capsys, 
     with pytest.raises(TunelabError, match=message.replace("(", r"\(")):
         gen.generate(["Hello"], int(flags[1]) if "tokens" in flags[0] else 4,
                      float(flags[1]) if "temp" in flags[0] else 0.0, float(flags[1]) if "top" in flags[0] else 1.0)  # fmt: skip
+
+
+def test_eval_reads_other_column_names_from_the_command_line_or_the_run(tmp_path, tiny_models, capsys):
+    """Test rows with other column names: mapped with --data.fields as for training, or by the
+    data.fields the evaluated run trained with."""
+    from tunelab.cli import main
+    from tunelab.config import DataConfig, ModelConfig, RunConfig, save_config
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"q": r["question"], "a": r["answer"]}) + "\n" for r in ROWS[:2]))
+    common = ["--max-new-tokens", "2", "--quiet", "--no-loss", "--bootstrap", "50"]
+    model = str(tiny_models["llama"])
+    assert main(["eval", model, "--data", str(data), "--out", str(tmp_path / "a"), *common]) == 2
+    assert "cannot tell the schema" in capsys.readouterr().err
+    mapped = ["--data.fields.question=q", "--data.fields={answer: a}"]
+    assert main(["eval", model, "--data", str(data), "--out", str(tmp_path / "b"), *mapped, *common]) == 0
+    summary = json.loads((tmp_path / "b" / "eval" / "summary.json").read_text())
+    assert summary["n_examples"] == 2
+    assert main(["compare", model, "--data", str(data), "--train.lr=1", "--out", str(tmp_path / "c")]) == 2
+    assert "take only the test rows' column names" in capsys.readouterr().err
+
+    run = tmp_path / "run"  # a run that trained with the mapping
+    shutil.copytree(tiny_models["qwen2"], run / "final")
+    (run / "final" / "tunelab_template.json").write_text(json.dumps(dataclasses.asdict(QA)))
+    data_cfg = DataConfig(path=str(data), fields={"question": "q", "answer": "a"})
+    save_config(RunConfig(model=ModelConfig(name_or_path=model), data=data_cfg), run / "config.yaml")
+    assert main(["eval", str(run), "--data", str(data), *common]) == 0
+    assert json.loads((run / "eval" / "summary.json").read_text())["n_examples"] == 2

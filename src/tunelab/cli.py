@@ -30,8 +30,9 @@ def _check_overrides(extra: list[str]) -> list[str]:
 # it: argparse reads an argument that starts with "--" but holds a space ("--data.fields={q: a}")
 # as a positional, i.e. as the config file.
 _OVERRIDE = re.compile(r"--[A-Za-z_][\w-]*(\.[\w-]+)+(=|$)")
-# Commands that take config keys; the others have their own flags only.
-_TAKES_OVERRIDES = {"train", "pretrain", "data"}
+# Commands that take config keys (eval and compare: the test rows' data.fields only); the others
+# have their own flags only.
+_TAKES_OVERRIDES = {"train", "pretrain", "data", "eval", "compare"}
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -63,7 +63,7 @@ def detect_schema(rows: list[Row], fields: dict[str, str], source: str | None = 
     raise DataError(
         f"cannot tell the schema from the columns {sorted(keys)}",
         source=rows[0].source,
-        hint="name the columns with data.fields (train and data check: --data.fields.question=q "
+        hint="name the columns with data.fields (train, data check, eval, compare: --data.fields.question=q "
         "--data.fields.answer=a, or in the config), rename them, "
         f"or set data.schema to one of {', '.join(SCHEMAS)}",
     )

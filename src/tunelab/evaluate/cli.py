@@ -161,6 +161,34 @@ def _check_regex(pattern: str | None) -> None:
         raise TunelabError(f"--format-regex {pattern!r} is not a valid regular expression: {e}") from None
 
 
+def _fields(args: argparse.Namespace, models: list[str]) -> dict[str, str]:
+    """Column names for the rows' roles: `--data.fields.ROLE=COLUMN` on the command line, else the
+    `data.fields` a run among the models trained with (its test rows likely share its columns)."""
+    from tunelab.config import parse_override
+
+    given: dict[str, str] = {}
+    for arg in getattr(args, "overrides", []):
+        keys, value = parse_override(arg)
+        if keys[:2] != ["data", "fields"] or (len(keys) == 2) != isinstance(value, dict):
+            raise TunelabError(
+                f"{arg}: eval and compare take only the test rows' column names",
+                "as --data.fields.question=q --data.fields.answer=a",
+            )
+        given.update({str(k): str(v) for k, v in value.items()} if len(keys) == 2 else {keys[2]: str(value)})
+    if given:
+        return given
+    for model in reversed(models):
+        config = Path(model.rsplit(":", 1)[-1]) / "config.yaml"  # fewshot:K:RUN names RUN last
+        if config.is_file():
+            from tunelab.config import load_config
+
+            try:
+                return dict(load_config(config).data.fields)
+            except TunelabError:
+                continue
+    return {}
+
+
 def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str | None = None) -> int:
     from rich.console import Console
 
@@ -169,8 +197,9 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
     from tunelab.evaluate.report import write_report
 
     _check_regex(args.format_regex)
-    examples = read_examples(args.data, args.limit)
-    pool = read_examples(train_data) if train_data else None
+    fields = _fields(args, models)
+    examples = read_examples(args.data, args.limit, fields)
+    pool = read_examples(train_data, fields=fields) if train_data else None
     result = compare(
         models,
         examples,

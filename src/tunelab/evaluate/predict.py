@@ -35,10 +35,14 @@ class Example:
     row: dict[str, Any]  # every column of the row, for --group-by and display
 
 
-def examples_from_rows(rows: list[dict[str, Any]], source: str = "<rows>") -> list[Example]:
-    """Rows with `question`/`answer` (or any schema tunelab trains on, except raw text)."""
+def examples_from_rows(
+    rows: list[dict[str, Any]], source: str = "<rows>", fields: dict[str, str] | None = None
+) -> list[Example]:
+    """Rows with `question`/`answer` (or any schema tunelab trains on, except raw text); `fields`
+    maps roles to other column names, as `data.fields` does for training."""
+    fields = fields or {}
     wrapped = [formats.Row(source, i, r) for i, r in enumerate(rows, start=1)]
-    name = schema.detect_schema(wrapped, {}, source)
+    name = schema.detect_schema(wrapped, fields, source)
     if name == "text":
         raise DataError(
             "evaluation needs prompt/answer pairs, but the rows are raw text",
@@ -47,7 +51,7 @@ def examples_from_rows(rows: list[dict[str, Any]], source: str = "<rows>") -> li
         )
     out = []
     for row in wrapped:
-        rec = schema.to_record(row, name, {})
+        rec = schema.to_record(row, name, fields)
         if name == "messages":
             msgs = rec.values["messages"]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
@@ -62,7 +66,7 @@ def examples_from_rows(rows: list[dict[str, Any]], source: str = "<rows>") -> li
     return out
 
 
-def read_examples(path: str, limit: int | None = None) -> list[Example]:
+def read_examples(path: str, limit: int | None = None, fields: dict[str, str] | None = None) -> list[Example]:
     """A test file in any format `tunelab train` reads (`world:heldout.jsonl` for the shipped one)."""
     from tunelab.world.build import resolve_world_path
 
@@ -70,7 +74,7 @@ def read_examples(path: str, limit: int | None = None) -> list[Example]:
     rows = [r.data for r in read.rows[:limit]]
     if not rows:
         raise DataError("no rows to evaluate", source=path)
-    examples = examples_from_rows(rows, path)
+    examples = examples_from_rows(rows, path, fields)
     for ex, r in zip(examples, read.rows):  # keep the file's own line numbers in messages
         ex.record = replace(ex.record, line=r.line)
     return examples
