@@ -312,3 +312,22 @@ def test_load_refuses_a_folder_that_is_not_a_run(tmp_path):
         tunelab.load(tmp_path / "nope")
     with pytest.raises(tunelab.TunelabError, match="not a tunelab run directory"):
         tunelab.load(tmp_path)
+
+
+def test_each_record_logs_the_learning_rate_its_step_trained_with(llama_dir, qa_file, tmp_path):
+    """Linear warmup over 2 of 4 steps, then linear decay: steps 1-4 train at 0, 1/2, 1 and 1/2 of
+    the peak. Step 1, at 0, leaves the weights (and the eval loss) as they were."""
+    run = fit(
+        llama_dir,
+        qa_file,
+        tmp_path / "r",
+        max_steps=4,
+        lr=1e-2,
+        warmup_ratio=0.5,
+        schedule="linear",
+        eval_every=1,
+    )
+    records = metrics(run.path)
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals[1] == evals[0] and evals[2] != evals[1]

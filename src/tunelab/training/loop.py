@@ -484,6 +484,7 @@ def train(
             cfg, device, run_dir, log, f"in the update at step {step + 1}", optimizer=True
         ):
             optimizer.step()
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step trained with (logged below)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # Pack the next step while the GPU still works on this one (counted in this step's time).
@@ -521,7 +522,7 @@ def train(
                 "step": done,
                 "epoch": round(done / steps_per_epoch, 4),
                 "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": step_lr,  # the logged step's own (the scheduler has moved on to the next's)
                 "grad_norm": grad_norm,
                 "tokens": window_tokens,  # real tokens since the last log line
                 "targets": window_targets,  # of which trained (with a label): the loss's weights
