@@ -334,3 +334,25 @@ def test_cli_takes_config_keys_such_as_the_column_names(tokenizer_dir, tmp_path)
         tmp_path, tokenizer_dir, "--data", str(data), "--data.fields.question=q", "--data.fields.answer=a"
     )
     assert code == 0 and json.loads((out / "report.json").read_text())["splits"]["train"]["rows"] > 0
+
+
+def test_a_pretraining_config_is_checked_in_chunks_never_truncated(tokenizer_dir, tokenizer, tmp_path):
+    """Pretraining joins the documents and cuts them into chunk_length chunks: the epoch is counted
+    in those chunks, as training counts it, and a long document is not 'truncated'."""
+    from tunelab.data.dataset import pack_documents
+
+    docs = [" ".join(f"word{i}" for i in range(n)) for n in (300, 40, 25, 90, 12)]
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(docs) + "\n")
+    config = tmp_path / "pt.yaml"
+    config.write_text(
+        f"task: pretrain\ndata:\n  path: {data}\n  chunk_length: 32\n  eval_ratio: 0.0\n  max_length: 64\n"
+        "train:\n  batch_size: 4\n  micro_batch_tokens: 64\n"
+    )
+    code, out = _cli(tmp_path, tokenizer_dir, str(config))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    chunks = pack_documents(docs, tokenizer, 32)
+    assert report["epoch"]["steps"] == -(-len(chunks) // 4) and report["chunk_length"] == 32
+    assert report["splits"]["train"]["truncated"] == 0
+    assert "chunk_length 32" in (out / "report.md").read_text()

@@ -87,7 +87,7 @@ def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.T
                 hint="give rows with a 'text' field, or a .txt file",
             )
         # Documents are cut into chunks, never truncated: no length limit in the check.
-        settings = dataclasses.replace(check.settings_from_config(cfg), max_length=2**62)
+        settings = check.settings_from_config(cfg)
         check.preflight(d.check, loaded, templates.Template("none", schema="text"), tokenizer, settings)
         texts = [r.values["text"] for r in loaded.train]
         eval_texts = [r.values["text"] for r in loaded.eval]

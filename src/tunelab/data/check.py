@@ -56,10 +56,18 @@ class Settings:
     fields: dict[str, str] = field(default_factory=dict)
     max_leakage: float = DEFAULT_MAX_LEAKAGE
     tokens_per_s: float | None = None  # measured training speed; None = time per epoch unknown
+    # Pretraining: documents are joined and cut into chunks of this many tokens, never truncated.
+    chunk_length: int | None = None
 
 
 def settings_from_config(cfg: RunConfig, tokens_per_s: float | None = None) -> Settings:
     d, t = cfg.data, cfg.train
+    if cfg.task == "pretrain":  # no length limit: the epoch is counted in chunks
+        return Settings(
+            2**62, batch_size=t.batch_size, micro_batch_tokens=t.micro_batch_tokens, seed=t.seed,
+            fields=dict(d.fields), max_leakage=d.max_leakage, tokens_per_s=tokens_per_s,
+            chunk_length=d.chunk_length,
+        )  # fmt: skip
     if d.max_length is None:
         raise ValueError("data.max_length must be resolved first (runner.resolve_max_length)")
     return Settings(
@@ -252,6 +260,12 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
             for r, enc in zip(records[:N_EXAMPLES], encoded):
                 report.examples.append(_example(r, templates.render(r, template, tokenizer), enc))
     report.leaked, report.leaked_at = _leakage(loaded.train, loaded.eval, loaded.schema)
+    if settings.chunk_length is not None:  # pretraining trains on chunks of the joined documents
+        from tunelab.data.dataset import pack_documents
+
+        texts = [r.values["text"] for r in loaded.train]
+        train_encoded = pack_documents(texts, tokenizer, settings.chunk_length)
+        report.chunk_length = settings.chunk_length
     report.epoch = _epoch(train_encoded, settings)
     report.findings = findings(report)
     return report

@@ -172,7 +172,7 @@ def print_report(report: Report) -> None:
         console.print(Text(f"  {f.level}: ", style=style) + Text(f.message))
     if not report.splits:
         return
-    console.print(f"schema {report.schema}, template {report.template}, max_length {report.max_length}")
+    console.print(f"schema {report.schema}, template {report.template}, {report.length_setting}")
     console.print("fields: " + ", ".join(f"{role} <- {col}" for role, col in report.fields.items()))
     files = Table("file", "train", "eval", "rejected")
     for name, c in report.files.items():

@@ -88,6 +88,7 @@ class Report:
     fields: dict[str, str] = field(default_factory=dict)  # schema role -> column
     template: str = ""
     max_length: int = 0
+    chunk_length: int | None = None  # pretraining: the chunk the documents are cut into (no max_length)
     files: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> train/eval/rejected
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     splits: dict[str, SplitStats] = field(default_factory=dict)
@@ -108,11 +109,19 @@ class Report:
             {"blocking": bool(self.blocking), **dataclasses.asdict(self)}, indent=2, ensure_ascii=False
         )
 
+    @property
+    def length_setting(self) -> str:
+        if self.chunk_length is not None:
+            return (
+                f"chunk_length {self.chunk_length} (pretraining: documents joined and cut, never truncated)"
+            )
+        return f"max_length {self.max_length}"
+
     def to_markdown(self) -> str:
         verdict = "**blocking problems found**" if self.blocking else "no blocking problems"
         lines = [f"# Data check: {verdict}", ""]
         lines += [f"- **{f.level}** `{f.code}`: {f.message}" for f in self.findings] or ["- no findings"]
-        lines += ["", f"Schema `{self.schema}`, template `{self.template}`, max_length {self.max_length}."]
+        lines += ["", f"Schema `{self.schema}`, template `{self.template}`, {self.length_setting}."]
         lines += ["", "| role | column |", "|---|---|", *(f"| {k} | {v} |" for k, v in self.fields.items())]
         lines += ["", "| file | train | eval | rejected |", "|---|---|---|---|"]
         lines += [f"| {f} | {c['train']} | {c['eval']} | {c['rejected']} |" for f, c in self.files.items()]
