@@ -356,3 +356,20 @@ def test_a_pretraining_config_is_checked_in_chunks_never_truncated(tokenizer_dir
     assert report["epoch"]["steps"] == -(-len(chunks) // 4) and report["chunk_length"] == 32
     assert report["splits"]["train"]["truncated"] == 0
     assert "chunk_length 32" in (out / "report.md").read_text()
+
+
+def test_an_empty_alpaca_input_counts_as_no_input_for_leakage_and_duplicates(tokenizer_dir, tmp_path):
+    train = write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say hi", "input": "", "output": "hi"},
+         {"instruction": "Count to three", "output": "1 2 3"}],
+    )  # fmt: skip
+    held = write_jsonl(
+        tmp_path / "e.jsonl",
+        [{"instruction": "Say hi", "input": "", "output": "hello"},
+         {"instruction": "Count to three", "input": None, "output": "one two three"}],
+    )  # fmt: skip
+    code, out = _cli(tmp_path, tokenizer_dir, "--data", str(train), "--eval-data", str(held))
+    report = json.loads((out / "report.json").read_text())
+    assert code == 1 and report["leaked"] == 2  # both eval prompts render exactly as a train prompt
+    assert report["splits"]["train"]["exact_duplicates"] == 1

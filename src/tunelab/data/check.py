@@ -104,10 +104,13 @@ def _where(r: Record) -> str:
 
 
 def _key(values: dict[str, Any], norm: Callable[[str], str]) -> tuple[Any, ...]:
-    """A hashable form of a record's values, each text passed through `norm`."""
+    """A hashable form of a record's values, each text passed through `norm`. An empty field counts
+    as an absent one (Alpaca's `"input": ""` and no input render the same prompt)."""
     out: list[Any] = []
     for role in sorted(values):
         v = values[role]
+        if isinstance(v, str) and not v.strip():
+            continue
         if isinstance(v, list):
             out.append((role, tuple((m["role"], norm(m["content"])) for m in v)))
         else:
@@ -123,7 +126,7 @@ def _prompt_key(values: dict[str, Any], schema: str) -> tuple[str, ...] | None:
         parts = [normalise(values["text"])]
     else:
         target = COMPLETION_ROLE.get(schema)
-        parts = [normalise(values[r]) for r in sorted(values) if r != target]
+        parts = [normalise(values[r]) for r in sorted(values) if r != target and values[r].strip()]
     return tuple(parts) if any(parts) else None
 
 
