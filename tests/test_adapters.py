@@ -205,3 +205,20 @@ def test_qlora_trains_a_4bit_base(tokenizer, tmp_path, spy, monkeypatch):
     ids = torch.tensor([[1, 5, 9, 12]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, loaded(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_target_modules_by_name_and_a_name_the_model_lacks(llama_dir, qa_file, tmp_path, capsys):
+    """`--lora.target_modules=q_proj,v_proj` names modules as the list form does; a name the model
+    lacks stops with the model's linear layer names, and leaves no empty run directory."""
+    from tunelab.cli import main
+
+    base = ["train", "--model", str(llama_dir), "--data", str(qa_file), "--quiet", "--train.method=lora",
+            "--train.max_steps=1", "--train.batch_size=2"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "ok"), "--lora.target_modules=q_proj,v_proj"]) == 0
+    adapter = json.loads((tmp_path / "ok" / "final" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--lora.target_modules=[q_prj]"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules: q_prj names no module of this model" in err and "q_proj" in err
+    assert not (tmp_path / "bad").exists()

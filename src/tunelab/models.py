@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tunelab.errors import ModelLoadError
+from tunelab.errors import ConfigError, ModelLoadError
 
 TEMPLATE_FILE = "tunelab_template.json"
 
@@ -284,6 +284,12 @@ def apply_lora(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if target_modules == ["all-linear"]:  # `--lora.target_modules=all-linear` parses as a one-item list
         target_modules = "all-linear"
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        # `--lora.target_modules=q_proj,v_proj`: names, as the list form (PEFT would read a string
+        # as one regular expression over the whole module path).
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    _check_module_names(model, target_modules, "lora.target_modules")
+    _check_module_names(model, modules_to_save, "lora.modules_to_save")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -294,6 +300,22 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _check_module_names(model: Any, names: Any, key: str) -> None:
+    """Every name must match a module as PEFT matches them (the full path, or its last parts)."""
+    if not isinstance(names, list) or not names:
+        return
+    paths = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in names if not any(p == t or p.endswith("." + t) for p in paths)]
+    if missing:
+        linear = sorted(
+            {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"{key}: {', '.join(missing)} names no module of this model",
+            f"its linear layers are named {', '.join(linear)}; or use all-linear",
+        )
 
 
 def quantization_config(method: str, device: torch.device) -> Any:

@@ -195,7 +195,12 @@ def run(
         write_rejects(rejects, run_dir / "rejects.jsonl")
         print(f"set aside {len(rejects)} bad rows in {run_dir / 'rejects.jsonl'}")
 
-    model, tokenizer, cfg = _build_model(cfg, quantization)
+    try:
+        model, tokenizer, cfg = _build_model(cfg, quantization)
+    except BaseException:
+        if resume is None and dist.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a model that failed to load or wrap leaves no empty run directory
+        raise
 
     # The resolved config: the template is written out, so inference renders exactly like training.
     resolved = dataclasses.replace(
