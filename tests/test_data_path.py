@@ -233,3 +233,20 @@ def test_a_batch_files_chat_row_is_prompted_up_to_its_reference_answer(tokenizer
     [prompt] = read_prompts(write_jsonl(tmp_path / "b.jsonl", [{"messages": messages}]))
     assert Generator(None, tokenizer, template).render(prompt) == segments[0].text
     assert prompt_of(prompt) == "Capital of Peru?"
+
+
+def test_when_every_row_is_set_aside_the_error_says_why(tmp_path):
+    """No run (and no rejects file) follows, so the reasons are in the message itself."""
+    from tunelab.data.dataset import load_records
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "answer": null}\n[1]\n')
+    with pytest.raises(DataError) as e:
+        load_records(str(bad), on_bad_row="skip")
+    message = e.value.message
+    assert "no usable rows: all 2 were set aside" in message
+    assert "line 1: field 'answer'" in message and "line 2: expected an object" in message
+    only_format = tmp_path / "worse.jsonl"
+    only_format.write_text("[1]\nnot json\n")
+    with pytest.raises(DataError, match="all 2 were set aside: line 1"):
+        load_records(str(only_format), on_bad_row="skip")

@@ -46,6 +46,8 @@ def _records(
     from tunelab.world.build import resolve_world_path
 
     read = formats.read_rows(resolve_world_path(path), fmt, on_bad_row)
+    if not read.rows and read.rejects:
+        raise _none_usable(path, read.rejects)
     name = schema.detect_schema(read.rows, fields, source=path) if schema_name == "auto" else schema_name
     records, rejects = [], list(read.rejects)
     for row in read.rows:
@@ -57,10 +59,19 @@ def _records(
             reason = f"field '{e.field}': {e.reason}"
             rejects.append(Reject(row.source, row.line, reason, row.raw or str(row.data)))
     if not records:
-        raise DataError(
-            "no usable rows", source=path, hint="see the rejects file or run `tunelab data check`"
-        )
+        raise _none_usable(path, rejects)
     return name, records, rejects
+
+
+def _none_usable(path: str, rejects: list[Reject]) -> DataError:
+    """Every row was set aside: say why here, since no run (and no rejects file) will follow."""
+    shown = "; ".join(f"line {r.line}: {r.reason}" for r in rejects[:3])
+    more = f" (and {len(rejects) - 3} more)" if len(rejects) > 3 else ""
+    return DataError(
+        f"no usable rows: all {len(rejects)} were set aside: {shown}{more}" if rejects else "no usable rows",
+        source=path,
+        hint="fix those rows, or name the columns with data.fields",
+    )
 
 
 def load_records(
