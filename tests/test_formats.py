@@ -350,3 +350,13 @@ def test_random_json_shapes_load_or_raise_data_error(tmp_path, rows, fmt, policy
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     _load_all(path, fmt, policy, {})
     _load_all(path, fmt, policy, {"question": "prompt", "answer": "text"})
+
+
+def test_a_broken_json_object_file_names_the_line(tmp_path):
+    from tunelab.data.formats import read_rows
+
+    path = tmp_path / "obj.json"
+    path.write_text('{"meta": {"v": 1}, "data": [\n {"question": "Q1?", "answer": "A1"},\n]}\n')
+    with pytest.raises(DataError) as e:
+        read_rows(str(path), on_bad_row="skip")
+    assert e.value.line == 3 and "top-level [...] array" in e.value.hint

@@ -173,7 +173,19 @@ def _read_json(text: str, col: _Collector) -> None:
     if stripped.startswith("{"):
         whole, error = _json_loads(text)
         if error is not None:
-            col.fail(None, error, hint="a .json file holds one JSON value; for one row per line use .jsonl")
+            try:
+                json.loads(text)
+                where = None
+            except json.JSONDecodeError as e:
+                where = e.lineno
+            except (ValueError, RecursionError):
+                where = None
+            col.fail(
+                where,
+                error,
+                hint="a .json file holds one JSON value (a trailing comma is forgiven only in a top-level "
+                "[...] array); for one row per line use .jsonl",
+            )
         start = _list_start(text)
         if start is None:
             col.fail(1, 'a JSON object without a list of rows inside (expected [...] or {"data": [...]})')
