@@ -373,3 +373,18 @@ def test_an_empty_alpaca_input_counts_as_no_input_for_leakage_and_duplicates(tok
     report = json.loads((out / "report.json").read_text())
     assert code == 1 and report["leaked"] == 2  # both eval prompts render exactly as a train prompt
     assert report["splits"]["train"]["exact_duplicates"] == 1
+
+
+def test_a_template_format_that_names_a_missing_field_is_a_config_error(tokenizer_dir, tmp_path, capsys):
+    """A typo in the format fails every row alike: exit 2 with the fields there are, not a bad row."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(4)])
+    args = ["--data", str(data), "--data.template=custom", r"--data.prompt_format=Q: {questio}\nA: ",
+            "--data.completion_format={answer}"]  # fmt: skip
+    code, _ = _cli(tmp_path, tokenizer_dir, *args)
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "names {questio}, a field these rows do not have" in err
+        and "available fields: " in err
+        and "question" in err
+    )

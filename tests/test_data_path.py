@@ -37,7 +37,7 @@ def test_custom_template_and_missing_field():
     t = templates.resolve("custom", "qa", "Q: {question}\nA: ", "{answer}")
     assert templates.render(rec(question="x", answer="y"), t)[0].text == "Q: x\nA: "
     bad = templates.resolve("custom", "qa", "Q: {query}\nA: ", "{answer}")
-    with pytest.raises(DataError, match=r"\{query\}"):
+    with pytest.raises(ConfigError, match=r"names \{query\}, a field these rows do not have"):
         templates.render(rec(question="x", answer="y"), bad)
 
 

@@ -113,7 +113,7 @@ def test_bad_input_stops_before_the_model_loads(monkeypatch, llama_dir, tmp_path
     cases = [
         (["--data.template=nope"], "accepted values"),
         (["--data.max_length=4096"], "at most 512 tokens"),
-        (["--data.template=alpaca"], "no such field"),
+        (["--data.template=alpaca"], "names {instruction}, a field these rows do not have"),
     ]
     if not torch.cuda.is_available():  # attention backends that cannot train on a CPU say so first
         for attn, message in (("flex_attention", "has no CPU backward"), ("flash_attention_2", "needs")):

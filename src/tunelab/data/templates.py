@@ -93,15 +93,16 @@ def _fields(values: dict[str, Any], schema: str) -> dict[str, str]:
     return out
 
 
-def _format(fmt: str, fields: dict[str, str], record: Record | None) -> str:
+def _format(fmt: str, fields: dict[str, str]) -> str:
     try:
         return fmt.format_map(fields)
     except KeyError as e:
-        where = {} if record is None else {"source": record.source, "line": record.line}
-        raise DataError(
-            f"the template names {{{e.args[0]}}} but the row has no such field",
-            **where,
-            hint=f"available fields: {', '.join(sorted(fields))}",
+        # Every row of a schema offers the same fields (Alpaca's optional input defaults to ""), so
+        # a name missing here is missing for all of them: the template is wrong, not this row.
+        raise ConfigError(
+            f"the template names {{{e.args[0]}}}, a field these rows do not have",
+            f"available fields: {', '.join(sorted(fields))} (fix data.prompt_format / "
+            "data.completion_format, or map a column to a role with data.fields)",
         ) from None
     except (ValueError, IndexError) as e:
         raise ConfigError(
@@ -109,12 +110,12 @@ def _format(fmt: str, fields: dict[str, str], record: Record | None) -> str:
         ) from None
 
 
-def prompt_text(template: Template, values: dict[str, Any], record: Record | None = None) -> str:
+def prompt_text(template: Template, values: dict[str, Any]) -> str:
     fields = _fields(values, template.schema)
     fmt = template.prompt_format
     if template.name == "alpaca" and not fields.get("input", "").strip() and fmt == ALPACA_PROMPT:
         fmt = ALPACA_PROMPT_NO_INPUT
-    return _format(fmt, fields, record)
+    return _format(fmt, fields)
 
 
 def render(record: Record, template: Template, tokenizer: Any = None) -> list[Segment]:
@@ -123,8 +124,8 @@ def render(record: Record, template: Template, tokenizer: Any = None) -> list[Se
         return [Segment(record.values["text"], True)]
     if template.name == "chat":
         return _render_chat(record, tokenizer)
-    prompt = prompt_text(template, record.values, record)
-    completion = _format(template.completion_format, _fields(record.values, template.schema), record)
+    prompt = prompt_text(template, record.values)
+    completion = _format(template.completion_format, _fields(record.values, template.schema))
     return [Segment(prompt, False), Segment(completion, True)]
 
 
