@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate import errors as E
+from tunelab.evaluate import metrics as M
 from tunelab.evaluate.compare import bootstrap_mean, paired_bootstrap
 from tunelab.evaluate.metrics import (
     bleu,
@@ -188,3 +189,23 @@ def test_bootstrap_interval_contains_the_observed_delta(pairs):
 
 def test_bootstrap_mean_of_nothing_is_nan():
     assert all(math.isnan(v) for v in bootstrap_mean([math.nan, math.nan]))
+
+
+@pytest.mark.parametrize("text", ["東京です", "القاهرة هي العاصمة", "Москва столица", "Ελλάδα", "Zürich"])
+def test_metrics_score_an_identical_answer_in_any_script_fully(text):
+    """rouge-score's own tokenizer keeps only a-z and 0-9: every non-Latin answer scored 0."""
+    assert M.rouge_l(text, text) == 1.0 and M.exact_match_norm(text + "。", text) == 1.0
+    assert M.contains(f"«{text}»!", text) == 1.0
+
+
+def test_rouge_l_over_words_of_any_script_keeps_rouge_scores_english_figures():
+    from rouge_score import rouge_scorer
+
+    plain = rouge_scorer.RougeScorer(["rougeL"])
+    for pred, ref in [
+        ("The capital of Peru is Lima.", "Lima is the capital"),
+        ("a_b c-d 3.5x", "a b c d 3 5x"),
+    ]:
+        assert M.rouge_l(pred, ref) == plain.score(ref, pred)["rougeL"].fmeasure
+    assert M.rouge_l("Москва столица", "Москва") == pytest.approx(2 / 3)
+    assert M.rouge_l("東京都です", "東京です") == pytest.approx(2 * 4 / 9)  # one character per word

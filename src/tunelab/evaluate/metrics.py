@@ -11,6 +11,7 @@ import importlib.util
 import re
 import string
 import sys
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,29 @@ INSTALL_HINT = "pip install 'tunelab[eval]'"
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = set(string.punctuation)
+# Words for ROUGE: runs of letters and digits in any script; each Han, kana character on its own
+# (those scripts write no spaces between words). On ASCII text the same words as rouge-score's own
+# tokenizer, which keeps only [a-z0-9] and scored every non-Latin answer 0.
+_WORDS = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+"
+)
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in _PUNCTUATION or unicodedata.category(ch).startswith("P")  # 。、！ too
+
+
+class _UnicodeWords:
+    """rouge-score's tokenizer interface over `_WORDS`."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _WORDS.findall(text.lower())
 
 
 def normalize(text: str) -> str:
-    """SQuAD's answer normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    """SQuAD's answer normalisation: lowercase, drop punctuation (of any script) and articles,
+    collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if not _is_punctuation(ch))
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -54,13 +73,14 @@ _rouge_scorer = None
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of words), as Google's `rouge-score` computes it."""
+    """ROUGE-L F1 (longest common subsequence of words), as Google's `rouge-score` computes it, over
+    words of any script (its own tokenizer keeps only a-z and 0-9)."""
     global _rouge_scorer
     if _rouge_scorer is None:
         _need("rouge_score")
         from rouge_score import rouge_scorer
 
-        _rouge_scorer = rouge_scorer.RougeScorer(["rougeL"])
+        _rouge_scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeWords())
     return float(_rouge_scorer.score(reference, prediction)["rougeL"].fmeasure)
 
 
