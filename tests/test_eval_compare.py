@@ -356,3 +356,27 @@ def test_eval_reads_other_column_names_from_the_command_line_or_the_run(tmp_path
     save_config(RunConfig(model=ModelConfig(name_or_path=model), data=data_cfg), run / "config.yaml")
     assert main(["eval", str(run), "--data", str(data), *common]) == 0
     assert json.loads((run / "eval" / "summary.json").read_text())["n_examples"] == 2
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_eval_cuts_long_rows_as_the_run_did_so_its_loss_is_trainings(llama_dir, tmp_path, side):
+    """Rows longer than the run's data.max_length: eval's held-out loss is training's final eval loss
+    only if it truncates them as training did (max_length and side), not at the model's context."""
+    import tunelab
+    from tunelab.cli import main
+
+    words = " ".join(f"w{i}" for i in range(60))
+    rows = [{"question": f"Q{i} {words[: 10 * i]}?", "answer": f"A{i} {words}."} for i in range(8)]
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
+    run = tunelab.train(
+        model=str(llama_dir), data=str(train), out=str(tmp_path / "run"), quiet=True, max_steps=2, batch_size=4,
+        lr=1e-3, **{"data.eval_path": str(held), "data.max_length": 48, "data.truncation_side": side,
+                    "data.check": "off"},
+    )  # fmt: skip
+    trained = [r["eval_loss"] for r in run.metrics() if "eval_loss" in r][-1]
+    args = ["eval", str(run.path), "--data", str(held), "--no-base", "--max-new-tokens", "1", "--quiet"]
+    assert main([*args, "--bootstrap", "20"]) == 0
+    summary = json.loads((run.path / "eval" / "summary.json").read_text())
+    assert summary["models"]["run"]["loss"] == pytest.approx(trained, rel=1e-5)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 
@@ -177,16 +179,23 @@ def _fields(args: argparse.Namespace, models: list[str]) -> dict[str, str]:
         given.update({str(k): str(v) for k, v in value.items()} if len(keys) == 2 else {keys[2]: str(value)})
     if given:
         return given
+    trained = _trained_with(models)
+    return dict(trained.data.fields) if trained else {}
+
+
+def _trained_with(models: list[str]) -> Any:
+    """The config of the last run among the models (its test rows likely share its columns, and
+    its eval loss its truncation), or None."""
+    from tunelab.config import load_config
+
     for model in reversed(models):
         config = Path(model.rsplit(":", 1)[-1]) / "config.yaml"  # fewshot:K:RUN names RUN last
         if config.is_file():
-            from tunelab.config import load_config
-
             try:
-                return dict(load_config(config).data.fields)
+                return load_config(config)
             except TunelabError:
                 continue
-    return {}
+    return None
 
 
 def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str | None = None) -> int:
@@ -200,10 +209,16 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
     fields = _fields(args, models)
     examples = read_examples(args.data, args.limit, fields)
     pool = read_examples(train_data, fields=fields) if train_data else None
+    settings = _settings(args)
+    trained = _trained_with(models)
+    if trained is not None and trained.task == "sft":  # every contender's loss cut as the run's was
+        settings = dataclasses.replace(
+            settings, max_length=trained.data.max_length, truncation_side=trained.data.truncation_side
+        )
     result = compare(
         models,
         examples,
-        _settings(args),
+        settings,
         train_rows=pool,
         group_by=args.group_by,
         judge=_judge(args),

@@ -136,6 +136,10 @@ class EvalSettings:
     with_loss: bool = True
     micro_batch_tokens: int = 8192
     progress: bool = False
+    # The held-out loss's truncation: a run's data.max_length / truncation_side, so its number is
+    # training's eval loss (None: the model's context, cut on the left). Not for few-shot prompts.
+    max_length: int | None = None
+    truncation_side: str = "left"
 
 
 @dataclass
@@ -231,16 +235,25 @@ def pick_shots(pool: list[Example], k: int, seed: int, test: list[Example]) -> l
 
 
 def held_out_loss(
-    model: Any, tokenizer: Any, segs: list[list[Segment]], chat: bool, micro_batch_tokens: int
+    model: Any,
+    tokenizer: Any,
+    segs: list[list[Segment]],
+    chat: bool,
+    micro_batch_tokens: int,
+    max_length: int | None = None,
+    truncation_side: str = "left",
 ) -> float:
     """Mean loss per answer token with the training loop's own `evaluate` (and its per-example
     packed attention, so the number is computed exactly as training's eval loss)."""
     from tunelab.data.tokenize import encode
     from tunelab.training.loop import evaluate, fast_paths
 
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    # Left truncation: a long (few-shot) prompt loses its head, never the answer being scored.
-    encoded = [encode(s, tokenizer, limit, "left", add_eos=not chat, add_prefix=not chat) for s in segs]
+    limit = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    # By default left truncation: a long (few-shot) prompt loses its head, never the scored answer.
+    encoded = [
+        encode(s, tokenizer, limit, truncation_side, add_eos=not chat, add_prefix=not chat)  # type: ignore[arg-type]
+        for s in segs
+    ]
     device = next(model.parameters()).device
     longest = max((len(e.input_ids) for e in encoded), default=1)
     with fast_paths(model):
@@ -327,7 +340,8 @@ def evaluate_contender(
         loss = None
         if settings.with_loss:
             chat = template is not None and template.name == "chat"
-            loss = held_out_loss(gen.model, gen.tokenizer, segs, chat, settings.micro_batch_tokens)
+            cut = (None, "left") if shots else (settings.max_length, settings.truncation_side)
+            loss = held_out_loss(gen.model, gen.tokenizer, segs, chat, settings.micro_batch_tokens, *cut)
     finally:
         gen.template = previous
     run_dir = None
