@@ -74,11 +74,12 @@ def test_yaml_floats_in_exponent_form(tmp_path):
         ("--train.weight_decay=-0.1", "train.weight_decay: got -0.1"),
         ("--lora.r=0", "lora.r and lora.alpha: got 0 and 32"),
         ("--lora.dropout=1", "lora.dropout: got 1.0"),
+        ("--train.method=lora|--model.init={model_type: llama}", "model.init builds new random weights"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=[override])
+        load_config(overrides=override.split("|"))
     assert message in str(e.value)
 
 

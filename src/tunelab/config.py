@@ -389,6 +389,12 @@ def validate(cfg: RunConfig) -> None:
             "use model.dtype bfloat16 (GPUs since Ampere) or float32 (`auto` picks one), "
             "or train an adapter over the fp16 base (train.method lora)",
         )
+    if cfg.model.init is not None and t.method != "full":
+        raise ConfigError(
+            f"model.init builds new random weights, and train.method {t.method} would train only an "
+            "adapter over them: the random base is never saved, so the adapter could not be used",
+            "train new weights with train.method full, then adapt them in a new run (--from)",
+        )
     if cfg.model.init is not None and "model_type" not in cfg.model.init:
         raise ConfigError("model.init must name a model_type (e.g. llama) next to the shape fields")
     if cfg.model.init is not None and not cfg.model.tokenizer:
