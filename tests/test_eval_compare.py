@@ -380,3 +380,10 @@ def test_eval_cuts_long_rows_as_the_run_did_so_its_loss_is_trainings(llama_dir, 
     assert main([*args, "--bootstrap", "20"]) == 0
     summary = json.loads((run.path / "eval" / "summary.json").read_text())
     assert summary["models"]["run"]["loss"] == pytest.approx(trained, rel=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["--bootstrap=0", "--batch-size=0", "--limit=-2", "--show=-1"])
+def test_eval_refuses_counts_below_their_least(flag, capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["eval", "some-run", "--data", "t.jsonl", flag])
+    assert f"argument {flag.split('=')[0]}: expected an integer >= " in capsys.readouterr().err

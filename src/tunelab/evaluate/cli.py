@@ -41,14 +41,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", required=True, help="test file (any format `tunelab train` reads), e.g. world:heldout.jsonl"
     )
-    p.add_argument("--limit", type=int, help="only the first N test rows")
+    p.add_argument("--limit", type=_at_least(1), help="only the first N test rows")
     p.add_argument("--out", help="where report.md/html, plots/ and eval/ go")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="sampling, few-shot choice and bootstrap")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=_at_least(1), default=16)
     g.add_argument("--device", default="auto")
     g.add_argument(
         "--template", help="force a template (qa, alpaca, raw, chat, none) instead of each run's own"
@@ -65,9 +65,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--format-regex", help="a prediction must fully match this, else it counts as wrong_format"
     )
     m.add_argument("--group-by", metavar="COLUMN", help="break metrics down by this column of the test rows")
-    m.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples for the intervals")
+    m.add_argument(
+        "--bootstrap", type=_at_least(1), default=1000, help="paired bootstrap resamples for the intervals"
+    )
     m.add_argument("--no-loss", action="store_true", help="skip held-out loss / perplexity")
-    m.add_argument("--show", type=int, default=5, help="side-by-side examples printed")
+    m.add_argument("--show", type=_at_least(0), default=5, help="side-by-side examples printed")
     j = p.add_argument_group("LLM-as-judge (any OpenAI-compatible endpoint; nothing is sent without --judge)")
     j.add_argument("--judge", metavar="URL", help="e.g. http://localhost:8000")
     j.add_argument("--judge-model", help="model name the endpoint serves")
@@ -79,6 +81,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-retries", type=int, default=4)
     j.add_argument("--judge-cache", help="cache folder (default ~/.cache/tunelab/judge)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _at_least(least: int):
+    """An argparse type: an int of at least `least` (argparse says so, with the flag's name)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--include-path", help="folder of YAML tasks (local data runs offline)")
     b.add_argument("--limit", type=float, help="examples per task (or a fraction < 1)")
     b.add_argument("--num-fewshot", type=int)
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=_at_least(1), default=8)
     b.add_argument("--device", default="auto")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-base", action="store_true", help="do not add the run's base model")
