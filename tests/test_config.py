@@ -217,3 +217,10 @@ def test_a_recipe_for_the_other_task_is_refused(tmp_path, capsys):
     assert "`tunelab train`" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="is a pretrain config"):
         tunelab.train(config=CONFIGS[0].parent / "world-base.yaml")
+
+
+def test_train_takes_a_shipped_recipe_by_its_name_from_anywhere(monkeypatch, tmp_path):
+    """As `tunelab data check world-qa.yaml` does."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("world-qa.yaml", "configs/world-qa.yaml"):
+        assert _config_from_command_line(monkeypatch, ["train", name]).name == "world-qa"

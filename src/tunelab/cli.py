@@ -58,6 +58,8 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def _train_config(args: argparse.Namespace, extra: list[str], task: str):
     from tunelab.config import check_task, load_config
 
+    if args.config and not Path(args.config).exists() and packaged_config(Path(args.config).name).exists():
+        args.config = str(packaged_config(Path(args.config).name))  # a shipped recipe, by its name
     check_task(args.config, task)  # a recipe written for the other task (not --from's: its run's own)
     values: dict[str, object] = {"task": task}
     if args.model:
