@@ -331,3 +331,10 @@ def test_each_record_logs_the_learning_rate_its_step_trained_with(llama_dir, qa_
     assert [r["lr"] for r in records if "lr" in r] == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert evals[1] == evals[0] and evals[2] != evals[1]
+
+
+def test_model_tokenizer_takes_shipped_names_and_must_fit_the_embeddings(llama_dir, tokenizer_dir):
+    model, tok, _ = load_model(str(llama_dir), tokenizer=str(tokenizer_dir))
+    assert len(tok) <= model.get_input_embeddings().num_embeddings
+    with pytest.raises(ModelLoadError, match="more than the model's .* embeddings"):
+        load_model(str(llama_dir), tokenizer="world:tokenizer")  # resolved as a shipped name; too big

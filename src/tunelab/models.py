@@ -204,7 +204,10 @@ def load_model(
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn)
         return model.to(dev), tok, ModelSource("(new weights)")
     src = resolve_source(name_or_path)
-    tok = load_tokenizer(tokenizer or src.adapter or src.model, trust_remote_code)
+    tok_src = resolve_source(tokenizer) if tokenizer else None  # `world`, `world:tokenizer`, a run
+    tok = load_tokenizer(
+        (tok_src.adapter or tok_src.model) if tok_src else src.adapter or src.model, trust_remote_code
+    )
     # A local base is loaded by its absolute path: PEFT records it as the adapter's
     # base_model_name_or_path, which must work from any directory.
     base = str(Path(src.model).resolve()) if Path(src.model).is_dir() else src.model
@@ -221,6 +224,13 @@ def load_model(
         raise _load_error(src.model, e) from None
     except ImportError as e:  # e.g. an attention backend or quantization package that is missing
         raise ModelLoadError(f"cannot load '{src.model}': {e}", "install the package it names") from None
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if tokenizer and isinstance(rows, int) and len(tok) > rows:
+        raise ModelLoadError(
+            f"model.tokenizer {tokenizer} has {len(tok):,} tokens, more than the model's {rows:,} embeddings",
+            "use the tokenizer the model was trained with (leave model.tokenizer unset)",
+        )
     if src.adapter:
         from peft import PeftModel
 
