@@ -25,12 +25,15 @@ class FakeJudge:
         self.fail_first = 0  # answer the next N requests with HTTP 500
         self.status = 200
         self.biased = False
+        self.mute = False  # replies with no score or verdict in them
         self.delay_s = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
 
     def reply(self, body: dict) -> str:
+        if self.mute:
+            return "I would rather not say."
         text = body["messages"][-1]["content"]
         ref = re.search(r"\[Reference answer\]\n(.*?)\n\n", text, re.S).group(1)
         if "[Candidate answer]" in text:
@@ -176,7 +179,7 @@ def test_pairwise_swaps_order_to_cancel_position_bias(server, tmp_path):
         assert J.prefer(client, QUESTIONS, REFS, a, b) == [0.5, 0.5, 0.5]
 
 
-def test_judge_inside_compare(server, tmp_path, tiny_models):
+def test_judge_inside_compare(server, tmp_path, tiny_models, capsys):
     from tunelab.evaluate.compare import compare
     from tunelab.evaluate.predict import EvalSettings
     from tunelab.generate import Generation, Generator
@@ -205,3 +208,23 @@ def test_judge_inside_compare(server, tmp_path, tiny_models):
     (p,) = res.pairwise
     assert (p.model, p.baseline, p.wins, p.ties, p.losses) == ("tuned", "base", 2, 1, 0)
     assert p.delta == pytest.approx(2.5 / 3) and p.low <= p.delta <= p.high
+
+    server.mute = True  # replies with no score: counted and said, not silently a blank column
+    compare([base, tuned], rows, settings, judge=config(server, tmp_path / "mute"), labels=["base", "tuned"])
+    assert "judge: 6 of 6 replies held no score" in capsys.readouterr().err
+
+
+def test_replies_without_a_score_are_not_cached_and_another_endpoint_has_its_own_cache(server, tmp_path):
+    answers = [REFS[0], "Lima, I think", REFS[2]]
+    server.mute = True
+    with J.JudgeClient(config(server, tmp_path)) as client:
+        assert J.grade(client, QUESTIONS, REFS, answers) == [None, None, None]
+    server.mute = False
+    with J.JudgeClient(config(server, tmp_path)) as again:  # asked again, not read back from the cache
+        assert J.grade(again, QUESTIONS, REFS, answers) == [5, 1, 5]
+        assert (again.requests_made, again.cache_hits) == (3, 0)
+    elsewhere = J.JudgeConfig(
+        url="http://127.0.0.1:9", model="judge-1", cache_dir=tmp_path / "cache", retries=0, backoff_s=0.01
+    )
+    with J.JudgeClient(elsewhere) as other, pytest.raises(TunelabError):  # not the other server's replies
+        J.grade(other, QUESTIONS, REFS, answers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,10 +244,12 @@ def _groups(
 def _run_judge(result: CompareResult, cfg: judging.JudgeConfig, resamples: int, seed: int) -> None:
     questions = [ex.question for ex in result.examples]
     refs = [ex.reference for ex in result.examples]
+    unscored, asked = 0, 0
     with judging.JudgeClient(cfg) as client:
         if cfg.mode == "rubric":
             for m in result.models:
                 grades = judging.grade(client, questions, refs, [p.text for p in m.predictions])
+                unscored, asked = unscored + grades.count(None), asked + len(grades)
                 for p, g in zip(m.predictions, grades):
                     p.scores["judge"] = math.nan if g is None else float(g)
             result.metrics.append("judge")
@@ -260,6 +263,7 @@ def _run_judge(result: CompareResult, cfg: judging.JudgeConfig, resamples: int, 
                     [p.text for p in base.predictions],
                     [p.text for p in m.predictions],
                 )
+                unscored, asked = unscored + pref.count(None), asked + len(pref)
                 prefs = [math.nan if v is None else v for v in pref]
                 rate, low, high = bootstrap_mean(prefs, resamples, seed)
                 ok = [v for v in prefs if not math.isnan(v)]
@@ -269,6 +273,13 @@ def _run_judge(result: CompareResult, cfg: judging.JudgeConfig, resamples: int, 
                     Delta(m.label, base.label, "judge_preference", rate, low, high, wins, ties, losses)
                 )
         result.judge = judging.judge_info(client)
+    if unscored:
+        # Left out of the judge's figures (a model all of whose replies lack one shows no figure).
+        print(
+            f"judge: {unscored} of {asked} replies held no {'score' if cfg.mode == 'rubric' else 'verdict'}; "
+            "they are left out and not cached (a rerun asks again) — check --judge-model and its replies",
+            file=sys.stderr,
+        )
 
 
 def _as_examples(rows: list[dict[str, Any]] | list[Example], source: str) -> list[Example]:

@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,18 +79,26 @@ class JudgeClient:
         self.close()
 
     def _cache_path(self, messages: list[dict[str, str]]) -> Path:
-        key = json.dumps({"model": self.cfg.model, "messages": messages}, sort_keys=True, ensure_ascii=False)
+        # The endpoint is part of the key: another server's replies are not this one's.
+        key = json.dumps(
+            {"url": self.url, "model": self.cfg.model, "messages": messages},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
         digest = hashlib.sha256(key.encode()).hexdigest()
         return self.cfg.cache_dir / digest[:2] / f"{digest}.json"
 
-    def complete(self, messages: list[dict[str, str]]) -> str:
-        """The judge's reply; from the cache when this (model, messages) was asked before."""
+    def complete(self, messages: list[dict[str, str]], usable: Callable[[str], bool] | None = None) -> str:
+        """The judge's reply; from the cache when this (endpoint, model, messages) was asked before.
+        A reply `usable` refuses (no score in it) is returned but not cached: a rerun asks again."""
         path = self._cache_path(messages)
         if path.exists():
             with self._lock:
                 self.cache_hits += 1
             return json.loads(path.read_text(encoding="utf-8"))["reply"]
         reply = self._post(messages)
+        if usable is not None and not usable(reply):
+            return reply
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
         tmp.write_text(json.dumps({"model": self.cfg.model, "reply": reply}), encoding="utf-8")
@@ -131,14 +140,16 @@ class JudgeClient:
             "check the server is up, or raise --judge-retries",
         )
 
-    def complete_many(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+    def complete_many(
+        self, conversations: list[list[dict[str, str]]], usable: Callable[[str], bool] | None = None
+    ) -> list[str]:
         """In order, at most `concurrency` in flight; a conversation repeated in the batch is asked once."""
         keys = [self._cache_path(c) for c in conversations]
         unique = {k: c for k, c in zip(keys, conversations)}
         if not unique:
             return []
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
-            replies = dict(zip(unique, pool.map(self.complete, unique.values())))
+            replies = dict(zip(unique, pool.map(lambda c: self.complete(c, usable), unique.values())))
         return [replies[k] for k in keys]
 
 
@@ -183,7 +194,7 @@ def grade(
 ) -> list[int | None]:
     """1-5 per answer; None where the judge's reply held no score."""
     convs = [rubric_messages(q, r, a, client.cfg.rubric) for q, r, a in zip(questions, references, answers)]
-    return [parse_score(reply) for reply in client.complete_many(convs)]
+    return [parse_score(r) for r in client.complete_many(convs, lambda r: parse_score(r) is not None)]
 
 
 def prefer(
@@ -194,7 +205,7 @@ def prefer(
     n = len(questions)
     convs = [pairwise_messages(questions[i], references[i], a[i], b[i]) for i in range(n)]
     convs += [pairwise_messages(questions[i], references[i], b[i], a[i]) for i in range(n)]
-    verdicts = [parse_verdict(r) for r in client.complete_many(convs)]
+    verdicts = [parse_verdict(r) for r in client.complete_many(convs, lambda r: parse_verdict(r) is not None)]
     as_b = {"A": 0.0, "B": 1.0, "TIE": 0.5}
     swapped = {"A": 1.0, "B": 0.0, "TIE": 0.5}  # in the second order, "A" is model B's answer
     out: list[float | None] = []
