@@ -387,3 +387,13 @@ def test_eval_refuses_counts_below_their_least(flag, capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["eval", "some-run", "--data", "t.jsonl", flag])
     assert f"argument {flag.split('=')[0]}: expected an integer >= " in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_past_the_models_context(llama_dir):
+    """serve answers 400 context_length_exceeded; generate and eval said nothing and answered anyway."""
+    gen = Generator.load(str(llama_dir), device="cpu")
+    context = gen.context_length
+    long_prompt = " ".join(["word"] * context)
+    with pytest.raises(TunelabError, match=f"past this model's context of {context:,} tokens"):
+        gen.generate(["Hello", long_prompt], max_new_tokens=2)
+    assert len(gen.generate(["Hello"], max_new_tokens=2)) == 1

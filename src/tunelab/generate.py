@@ -113,6 +113,16 @@ class Generator:
         values = {k: v for k, v in row.items() if isinstance(v, str) and k != key}
         return prompt_text(self.template, {**values, role: str(row[key]), "prompt": str(row[key])})
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and answer) the model takes, where its config says."""
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     def stop_ids(self) -> list[int]:
         ids = set()
         if self.tokenizer.eos_token_id is not None:
@@ -168,6 +178,14 @@ class Generator:
                 + tok(self.render(p) if not raw else prompt_of(p), add_special_tokens=False)["input_ids"]
                 for p in chunk
             ]
+            context = self.context_length
+            for k, prompt_ids in enumerate(ids):
+                if context is not None and len(prompt_ids) + max_new_tokens > context:
+                    raise TunelabError(
+                        f"prompt {start + k + 1} is {len(prompt_ids):,} tokens and {max_new_tokens} more were "
+                        f"asked for, past this model's context of {context:,} tokens",
+                        "shorten the prompt, or lower --max-new-tokens",
+                    )
             pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
             input_ids, mask = left_padded(ids, pad, device)
             width = input_ids.shape[1]

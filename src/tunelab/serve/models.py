@@ -26,12 +26,7 @@ class Served:
 
     @property
     def context_length(self) -> int | None:
-        cfg = self.generator.model.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return self.generator.context_length
 
     def activate(self) -> Any:
         model = self.generator.model
