@@ -228,3 +228,23 @@ def test_replies_without_a_score_are_not_cached_and_another_endpoint_has_its_own
     )
     with J.JudgeClient(elsewhere) as other, pytest.raises(TunelabError):  # not the other server's replies
         J.grade(other, QUESTIONS, REFS, answers)
+
+
+def test_a_judge_that_cannot_be_reached_stops_compare_before_any_model_generates(tmp_path, tiny_models):
+    from tunelab.evaluate.compare import compare
+    from tunelab.evaluate.predict import EvalSettings
+    from tunelab.generate import Generator
+
+    class Counting(Generator):
+        calls = 0
+
+        def generate_detailed(self, prompts, *args, **kwargs):
+            Counting.calls += 1
+            return super().generate_detailed(prompts, *args, **kwargs)
+
+    g = Generator.load(str(tiny_models["llama"]), device="cpu")
+    down = J.JudgeConfig(url="http://127.0.0.1:9", model="j", cache_dir=tmp_path / "c", retries=0)
+    rows = [{"question": q, "answer": r} for q, r in zip(QUESTIONS, REFS)]
+    with pytest.raises(TunelabError, match="cannot be reached"):
+        compare([Counting(g.model, g.tokenizer, None)], rows, EvalSettings(device="cpu"), judge=down)
+    assert Counting.calls == 0

@@ -326,6 +326,9 @@ def compare(
         templates.resolve(settings.template, examples[0].schema)  # a bad name fails before any model loads
     if judge is not None and judge.mode == "pairwise" and len(models) < 2:
         raise TunelabError("pairwise judging needs two models or more", "use --judge-mode rubric for one")
+    if judge is not None:  # a judge that is down would waste every model's generations
+        with judging.JudgeClient(judge) as client:
+            client.check_reachable()
     names = labels or [label_for(s) if isinstance(s, str) else f"model {i + 1}" for i, s in enumerate(models)]
     names = _unique_labels(names)
     # A model without a template of its own (a base model) is asked in the first template found, so

@@ -69,6 +69,20 @@ class JudgeClient:
         self.cache_hits = 0
         self._lock = threading.Lock()
 
+    def check_reachable(self) -> None:
+        """Fail now, before the models generate, if nothing answers at the endpoint's address (an
+        HTTP answer of any status will do: the judge's own replies are checked as they come)."""
+        import httpx
+
+        models_url = self.url.removesuffix("/chat/completions") + "/models"
+        try:
+            self.http.get(models_url, timeout=min(self.cfg.timeout_s, 10.0))
+        except httpx.HTTPError as e:
+            raise TunelabError(
+                f"the judge endpoint {self.url} cannot be reached: {type(e).__name__}: {e}",
+                "start it, or check --judge (nothing was generated yet)",
+            ) from None
+
     def close(self) -> None:
         self.http.close()
 
