@@ -388,3 +388,16 @@ def test_a_template_format_that_names_a_missing_field_is_a_config_error(tokenize
         and "available fields: " in err
         and "question" in err
     )
+
+
+def test_a_truncated_example_is_shown_as_training_sees_it(tokenizer_dir, tmp_path):
+    """max_length cut the completion away: the report's example must not show it as trained."""
+    rows = [{"question": "Q" + " word" * 30 + "?", "answer": "The currency is the dinar."}] * 3
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    code, out = _cli(tmp_path, tokenizer_dir, "--data", str(data), "--max-length", "16")
+    report = json.loads((out / "report.json").read_text())
+    [first, *_] = report["examples"]
+    assert first["truncated"] and "dinar" not in "".join(
+        text for text, trained in first["segments"] if trained
+    )
+    assert "dinar" not in (out / "report.md").read_text()

@@ -31,7 +31,7 @@ from tunelab.data.dataset import LoadedRecords
 from tunelab.data.packing import plan_epoch
 from tunelab.data.schema import COMPLETION_ROLE, SCHEMAS, Record
 from tunelab.data.templates import Segment, Template
-from tunelab.data.tokenize import Encoded, assemble, n_trainable, special_prefix, tokenize_texts
+from tunelab.data.tokenize import IGNORE, Encoded, assemble, n_trainable, special_prefix, tokenize_texts
 from tunelab.errors import DataError
 
 if TYPE_CHECKING:
@@ -234,7 +234,18 @@ def reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def _example(r: Record, segs: list[Segment], enc: Encoded) -> Example:
+def _example(r: Record, segs: list[Segment], enc: Encoded, tokenizer: Any) -> Example:
+    """The example as training sees it: the template's segments, or, where max_length cut it, the
+    tokens that are left, in runs trained or not."""
+    if enc.truncated:
+        runs: list[tuple[list[int], bool]] = []
+        for token, label in zip(enc.input_ids, enc.labels):
+            trained = label != IGNORE
+            if runs and runs[-1][1] == trained:
+                runs[-1][0].append(token)
+            else:
+                runs.append(([token], trained))
+        segs = [Segment(tokenizer.decode(ids), trained) for ids, trained in runs]
     shown = [(g.text if len(g.text) <= SHOW_CHARS else g.text[:SHOW_CHARS] + "…", g.train) for g in segs]
     return Example(r.source, r.line, shown, enc.truncated)
 
@@ -261,7 +272,7 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
         if split == "train":
             train_encoded = encoded
             for r, enc in zip(records[:N_EXAMPLES], encoded):
-                report.examples.append(_example(r, templates.render(r, template, tokenizer), enc))
+                report.examples.append(_example(r, templates.render(r, template, tokenizer), enc, tokenizer))
     report.leaked, report.leaked_at = _leakage(loaded.train, loaded.eval, loaded.schema)
     if settings.chunk_length is not None:  # pretraining trains on chunks of the joined documents
         from tunelab.data.dataset import pack_documents
