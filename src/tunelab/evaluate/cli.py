@@ -178,9 +178,9 @@ def _check_regex(pattern: str | None) -> None:
         raise TunelabError(f"--format-regex {pattern!r} is not a valid regular expression: {e}") from None
 
 
-def _fields(args: argparse.Namespace, models: list[str]) -> dict[str, str]:
+def _fields(args: argparse.Namespace, trained: Any) -> dict[str, str]:
     """Column names for the rows' roles: `--data.fields.ROLE=COLUMN` on the command line, else the
-    `data.fields` a run among the models trained with (its test rows likely share its columns)."""
+    `data.fields` the evaluated run trained with (`trained`, its config or None)."""
     from tunelab.config import parse_override
 
     given: dict[str, str] = {}
@@ -194,7 +194,6 @@ def _fields(args: argparse.Namespace, models: list[str]) -> dict[str, str]:
         given.update({str(k): str(v) for k, v in value.items()} if len(keys) == 2 else {keys[2]: str(value)})
     if given:
         return given
-    trained = _trained_with(models)
     return dict(trained.data.fields) if trained else {}
 
 
@@ -221,11 +220,11 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
     from tunelab.evaluate.report import write_report
 
     _check_regex(args.format_regex)
-    fields = _fields(args, models)
+    trained = _trained_with(models)
+    fields = _fields(args, trained)
     examples = read_examples(args.data, args.limit, fields)
     pool = read_examples(train_data, fields=fields) if train_data else None
     settings = _settings(args)
-    trained = _trained_with(models)
     if trained is not None and trained.task == "sft":  # every contender's loss cut as the run's was
         settings = dataclasses.replace(
             settings, max_length=trained.data.max_length, truncation_side=trained.data.truncation_side
