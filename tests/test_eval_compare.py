@@ -346,6 +346,8 @@ def test_eval_reads_other_column_names_from_the_command_line_or_the_run(tmp_path
     assert main(["eval", model, "--data", str(data), "--out", str(tmp_path / "b"), *mapped, *common]) == 0
     summary = json.loads((tmp_path / "b" / "eval" / "summary.json").read_text())
     assert summary["n_examples"] == 2
+    printed = capsys.readouterr().out
+    assert "metrics on 2 examples" in printed and "delta vs" not in printed  # one model: no delta vs itself
     assert main(["compare", model, "--data", str(data), "--train.lr=1", "--out", str(tmp_path / "c")]) == 2
     assert "take only the test rows' column names" in capsys.readouterr().err
 

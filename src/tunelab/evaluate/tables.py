@@ -127,9 +127,8 @@ def print_result(result: CompareResult, console: Any = None, examples: int = 5) 
 
     console = console or Console()
     n = len(result.examples)
-    console.print(
-        rich_table(metric_table(result), f"metrics on {n} examples (delta vs {result.labels[0]} [95% CI])")
-    )
+    against = f" (delta vs {result.labels[0]} [95% CI])" if len(result.labels) > 1 else ""  # not vs itself
+    console.print(rich_table(metric_table(result), f"metrics on {n} examples{against}"))
     if result.groups:
         console.print(rich_table(group_table(result), f"by {result.group_by}"))
     console.print(rich_table(error_table(result), "error analysis"))
