@@ -8,6 +8,7 @@ a `Finding`; blocking ones stop `train` (data.check=block) and make `tunelab dat
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sys
@@ -62,16 +63,15 @@ class Settings:
 
 def settings_from_config(cfg: RunConfig, tokens_per_s: float | None = None) -> Settings:
     d, t = cfg.data, cfg.train
-    if cfg.task == "pretrain":  # no length limit: the epoch is counted in chunks
-        return Settings(
-            2**62, batch_size=t.batch_size, micro_batch_tokens=t.micro_batch_tokens, seed=t.seed,
-            fields=dict(d.fields), max_leakage=d.max_leakage, tokens_per_s=tokens_per_s,
-            chunk_length=d.chunk_length,
-        )  # fmt: skip
-    if d.max_length is None:
+    pretrain = cfg.task == "pretrain"
+    if pretrain:
+        max_length = 2**62  # documents are cut into chunks, never truncated: no length limit
+    elif d.max_length is None:
         raise ValueError("data.max_length must be resolved first (runner.resolve_max_length)")
+    else:
+        max_length = d.max_length
     return Settings(
-        d.max_length,
+        max_length,
         d.truncation_side,
         d.train_on_prompt,
         t.batch_size,
@@ -80,6 +80,7 @@ def settings_from_config(cfg: RunConfig, tokens_per_s: float | None = None) -> S
         dict(d.fields),
         max_leakage=d.max_leakage,
         tokens_per_s=tokens_per_s,
+        chunk_length=d.chunk_length if pretrain else None,
     )
 
 
@@ -238,14 +239,9 @@ def _example(r: Record, segs: list[Segment], enc: Encoded, tokenizer: Any) -> Ex
     """The example as training sees it: the template's segments, or, where max_length cut it, the
     tokens that are left, in runs trained or not."""
     if enc.truncated:
-        runs: list[tuple[list[int], bool]] = []
-        for token, label in zip(enc.input_ids, enc.labels):
-            trained = label != IGNORE
-            if runs and runs[-1][1] == trained:
-                runs[-1][0].append(token)
-            else:
-                runs.append(([token], trained))
-        segs = [Segment(tokenizer.decode(ids), trained) for ids, trained in runs]
+        pairs = zip(enc.input_ids, enc.labels)
+        runs = itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE)
+        segs = [Segment(tokenizer.decode([token for token, _ in run]), trained) for trained, run in runs]
     shown = [(g.text if len(g.text) <= SHOW_CHARS else g.text[:SHOW_CHARS] + "…", g.train) for g in segs]
     return Example(r.source, r.line, shown, enc.truncated)
 

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunelab.data import formats, schema, templates
 from tunelab.data.schema import COMPLETION_ROLE, PROMPT_ROLE, Record
@@ -139,7 +139,7 @@ class EvalSettings:
     # The held-out loss's truncation: a run's data.max_length / truncation_side, so its number is
     # training's eval loss (None: the model's context, cut on the left). Not for few-shot prompts.
     max_length: int | None = None
-    truncation_side: str = "left"
+    truncation_side: Literal["left", "right"] = "left"
 
 
 @dataclass
@@ -241,7 +241,7 @@ def held_out_loss(
     chat: bool,
     micro_batch_tokens: int,
     max_length: int | None = None,
-    truncation_side: str = "left",
+    truncation_side: Literal["left", "right"] = "left",
 ) -> float:
     """Mean loss per answer token with the training loop's own `evaluate` (and its per-example
     packed attention, so the number is computed exactly as training's eval loss)."""
@@ -251,8 +251,7 @@ def held_out_loss(
     limit = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
     # By default left truncation: a long (few-shot) prompt loses its head, never the scored answer.
     encoded = [
-        encode(s, tokenizer, limit, truncation_side, add_eos=not chat, add_prefix=not chat)  # type: ignore[arg-type]
-        for s in segs
+        encode(s, tokenizer, limit, truncation_side, add_eos=not chat, add_prefix=not chat) for s in segs
     ]
     device = next(model.parameters()).device
     longest = max((len(e.input_ids) for e in encoded), default=1)
