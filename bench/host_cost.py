@@ -21,7 +21,13 @@ import sft_speed
 
 
 def host_ms_per_step(
-    model_name: str, compile: bool, scope: str = "layers", steps: int = 60, inspect: Any = None
+    model_name: str,
+    compile: bool,
+    scope: str = "layers",
+    steps: int = 60,
+    inspect: Any = None,
+    method: str = "full",
+    guards: str = "default",
 ) -> float:
     """ms per step over the steps after the first third (at most 20 left out); `inspect` is given
     {"model": the model} (tests)."""
@@ -41,6 +47,10 @@ def host_ms_per_step(
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    if method == "lora":  # every linear layer adapted, as bench/sft_speed.py's LoRA (r 2: the widths are tiny)
+        from tunelab.models import apply_lora
+
+        model = apply_lora(model, "lora", 2, 4, 0.0, "all-linear", [])
     if inspect is not None:
         inspect({"model": model})
     examples = sft_speed.make_examples(4 * steps, 512, short=True)
@@ -48,12 +58,15 @@ def host_ms_per_step(
         lr=1e-5, max_steps=steps, batch_size=4, log_every=1, eval_every=0, warmup_ratio=0.0, compile=compile
     )
     before, compiling.SCOPE = compiling.SCOPE, scope
+    if guards != "default":
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
             lines = (Path(tmp) / "metrics.jsonl").read_text().splitlines()
     finally:
         compiling.SCOPE = before
+        torch.compiler.set_stance("default")
     records = [r for r in map(json.loads, lines) if "loss" in r and r["step"] > min(20, steps // 3)]
     return 1000 * sum(r["tokens"] / r["tokens_per_s"] for r in records) / len(records)
 
@@ -64,9 +77,16 @@ def main() -> None:
     p.add_argument("--compile", choices=["true", "false"], default="true")
     p.add_argument("--compile-scope", choices=["layers", "model"], default="layers")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--guards", choices=["default", "skip"], default="default",
+                   help="skip: torch.compiler.set_stance(skip_guard_eval_unsafe=True), only the guards that "
+                   "tell the compiled graphs apart are checked")  # fmt: skip
     args = p.parse_args()
-    ms = host_ms_per_step(args.model, args.compile == "true", args.compile_scope, args.steps)
-    print(json.dumps({"model": args.model, "compile": args.compile, "scope": args.compile_scope,
+    ms = host_ms_per_step(
+        args.model, args.compile == "true", args.compile_scope, args.steps, method=args.method, guards=args.guards
+    )
+    print(json.dumps({"model": args.model, "method": args.method, "compile": args.compile,
+                      "scope": args.compile_scope, "guards": args.guards,
                       "host_ms_per_step": round(ms, 2)}))  # fmt: skip
 
 

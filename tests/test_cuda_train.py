@@ -88,10 +88,11 @@ def test_the_loop_waits_for_the_gpu_once_per_step(llama_dir, tmp_path, compile):
 
     def waits(steps: int) -> int:
         torch.manual_seed(0)
+        runs = len(list(tmp_path.iterdir()))
         model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
         cfg = TrainConfig(lr=1e-3, max_steps=steps, batch_size=8, micro_batch_tokens=64, log_every=1,
                           eval_every=0, seed=0, compile=compile)  # fmt: skip
-        out = tmp_path / f"run-{compile}-{steps}"
+        out = tmp_path / f"run-{runs}-{steps}"  # a fresh folder each time: the warm-up run has 8 steps too
         out.mkdir()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
