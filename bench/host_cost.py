@@ -47,7 +47,9 @@ def host_ms_per_step(
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
-    if method == "lora":  # every linear layer adapted, as bench/sft_speed.py's LoRA (r 2: the widths are tiny)
+    if (
+        method == "lora"
+    ):  # every linear layer adapted, as bench/sft_speed.py's LoRA (r 2: the widths are tiny)
         from tunelab.models import apply_lora
 
         model = apply_lora(model, "lora", 2, 4, 0.0, "all-linear", [])
@@ -83,7 +85,12 @@ def main() -> None:
                    "tell the compiled graphs apart are checked")  # fmt: skip
     args = p.parse_args()
     ms = host_ms_per_step(
-        args.model, args.compile == "true", args.compile_scope, args.steps, method=args.method, guards=args.guards
+        args.model,
+        args.compile == "true",
+        args.compile_scope,
+        args.steps,
+        method=args.method,
+        guards=args.guards,
     )
     print(json.dumps({"model": args.model, "method": args.method, "compile": args.compile,
                       "scope": args.compile_scope, "guards": args.guards,

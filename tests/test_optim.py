@@ -150,9 +150,11 @@ def test_the_fused_kernel_takes_the_same_update():
     pytest.importorskip("triton", reason="Triton is the GPU's kernel language (it ships with CUDA torch)")
     if torch.cuda.is_available():
         check_fused_kernel("cuda")
+        check_one_launch_kernel("cuda")
         return
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import test_optim; test_optim.check_fused_kernel('cpu')"
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_optim; test_optim.check_fused_kernel('cpu'); "
+        "test_optim.check_one_launch_kernel('cpu')"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
@@ -198,6 +200,70 @@ def check_fused_kernel(device: str) -> None:
     # Unbiased, measured along each weight's sign (a rounding biased towards zero cancels in a plain
     # mean over weights of both signs): within 10 standard errors.
     assert abs(float((error * exact.sign()).mean())) < 5 * float(spacing.mean()) / n**0.5
+
+
+def check_one_launch_kernel(device: str) -> None:
+    """sr_kernel.update_many_fn: a list of bf16 weights of assorted sizes (one element, a block, a
+    block and one, ...) in one launch gets exactly the per-weight kernel's update, bits included,
+    also on a second step with the same sizes (its block table kept) and with other sizes; it
+    refuses tensors it cannot read as flat bf16."""
+    from tunelab.training import sr_kernel
+
+    one, many = sr_kernel.update_fn(), sr_kernel.update_many_fn()
+    assert one is not None and many is not None
+    block = sr_kernel.BLOCK
+
+    def weights(sizes: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        torch.manual_seed(len(sizes))
+        return [
+            tuple(t.to(torch.bfloat16).to(device) for t in (torch.randn(n) * 0.02, torch.randn(n), torch.randn(n) * 0.1, torch.rand(n) * 1e-2))
+            for n in sizes
+        ]  # fmt: skip
+
+    for sizes in ([3 * block + 5, 1, block, block + 1, 2000], [7, block - 1]):
+        seeds = [100 + i for i in range(len(sizes))]
+        ref, got = weights(sizes), weights(sizes)
+        for step in (1, 2):
+            hyper = dict(beta1=0.9, beta2=0.999, lr=1e-3, decay=0.1, eps=1e-8, step=step)
+            for quad, seed in zip(ref, seeds):
+                one(*quad, **hyper, seed=seed)
+            many(got, seeds, **hyper)
+            assert all(torch.equal(a, b) for qr, qg in zip(ref, got) for a, b in zip(qr, qg)), (sizes, step)
+        assert not torch.equal(got[0][0], weights(sizes)[0][0])  # it did update
+    odd = weights([8])[0]
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        many([(odd[0].float(), *odd[1:])], [1], beta1=0.9, beta2=0.999, lr=1e-3, decay=0.0, eps=1e-8, step=1)
+
+
+def test_bf16_weights_go_to_one_launch_and_the_rest_one_at_a_time(caplog):
+    """The dispatch around sr_kernel's one-launch update, with stand-in kernels: every weight whose
+    four tensors are contiguous bf16 goes to it, with its per-weight seed; one with fp32 moments goes
+    to the per-weight kernel, a non-contiguous one to the list path. A failing one-launch kernel
+    hands its weights to the per-weight kernel, said in the log, for good."""
+    weights = pairs(SHAPES, dtype=torch.bfloat16)
+    opt = AdamW(weights, lr=1e-3)
+    quads = [(w, w, w, w) for w in weights]
+    fp32_moments = (weights[0], weights[0], weights[0].float(), weights[0].float())
+    odd = torch.zeros(4, 6, dtype=torch.bfloat16).t()
+    quads[1:1] = [fp32_moments, (odd, odd, odd, odd)]
+    batched, single = [], []
+    opt._kernel = lambda weight, *rest, seed, **hyper: single.append((weight, seed))
+    opt._many = lambda qs, seeds, **hyper: batched.append(([q[0] for q in qs], seeds))
+    key = (0, 1, 0, 0)
+    left = opt._fused(quads, opt.param_groups[0], 1, key)
+    ((got, seeds),) = batched
+    expected = [i for i in range(len(quads)) if i not in (1, 2)]
+    assert [id(w) for w in got] == [id(quads[i][0]) for i in expected]
+    assert seeds == [hash((*key, i)) % 2**31 for i in expected]
+    assert single == [(fp32_moments[0], hash((*key, 1)) % 2**31)] and [q[0] for q in left] == [odd]
+
+    def broken(qs, seeds, **hyper):
+        raise RuntimeError("no kernel image for this GPU")
+
+    opt._many, single[:] = broken, []
+    left = opt._fused(quads, opt.param_groups[0], 2, key)
+    assert "launching it per weight" in caplog.text and opt._many is None
+    assert [id(w) for w, _ in single] == [id(q[0]) for q in quads if q[0] is not odd] and len(left) == 1
 
 
 def test_a_kernel_launch_that_fails_leaves_the_rest_to_the_list_path(caplog):

@@ -17,8 +17,8 @@ The random bits come from a generator seeded by (seed, step, parameter group), s
 the same way on every data-parallel replica and after a resume (FSDP's shards mix in their rank). Weights in other dtypes (fp32 adapters, fp32 models)
 get the plain update. All arithmetic runs on lists of tensors (`torch._foreach_*`): a few kernel
 launches per chunk, not per weight. On a GPU with Triton, bf16 weights take the same update from one
-fused kernel each instead (sr_kernel.py: ~16 bytes moved per weight instead of ~78). FSDP's sharded
-weights are updated through their local shards.
+fused kernel instead, all of them in one launch (sr_kernel.py: ~16 bytes moved per weight instead of
+~78). FSDP's sharded weights are updated through their local shards.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class AdamW(torch.optim.Optimizer):
         self.chunk = chunk
         self._generators: dict[torch.device, torch.Generator] = {}
         self._kernel: Any = None  # sr_kernel's launcher once looked up; False: not available
+        self._many: Any = None  # its launcher for a whole list of bf16 weights (None: not available)
 
     def _generator(self, device: torch.device, step: int, group: int, shard: int) -> torch.Generator:
         """Random bits for one step of one parameter group: the same on every data-parallel replica
@@ -124,29 +125,44 @@ class AdamW(torch.optim.Optimizer):
     def _fused(
         self, quads: list[tuple[torch.Tensor, ...]], group: dict[str, Any], step: int, key: tuple[int, ...]
     ) -> list[tuple[torch.Tensor, ...]]:
-        """Update bf16 weights on a GPU with the one-kernel update (sr_kernel.py) where it runs; returns
-        the weights left for the list path (all of them without Triton, or from a failed launch on)."""
+        """Update bf16 weights on a GPU with the one-kernel update (sr_kernel.py) where it runs: every
+        weight whose four tensors are contiguous bf16 in one launch, the others one launch each;
+        returns the weights left for the list path (all of them without Triton, or from a failed
+        launch on)."""
         if self._kernel is False:
             return quads
         if self._kernel is None:
             self._kernel = sr_kernel.update_fn() or False
+            self._many = sr_kernel.update_many_fn() if self._kernel else None
             if self._kernel is False:
                 return quads
         beta1, beta2 = group["betas"]
+        hyper = dict(beta1=beta1, beta2=beta2, lr=group["lr"], decay=group["weight_decay"], eps=group["eps"])
+        seeds = [hash((*key, i)) % 2**31 for i in range(len(quads))]  # one per weight, as before
+        flat = [
+            i for i, q in enumerate(quads) if all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in q)
+        ]
+        done: set[int] = set()
+        if self._many is not None and flat:
+            try:
+                self._many([quads[i] for i in flat], [seeds[i] for i in flat], **hyper, step=step)
+                done = set(flat)
+            except Exception as e:  # noqa: BLE001 - any failure: one launch per weight from now on
+                _log.warning("the one-launch bf16 AdamW kernel failed (%s); launching it per weight", e)
+                self._many = None
         left = []
         for i, quad in enumerate(quads):
+            if i in done:
+                continue
             if not all(t.is_contiguous() for t in quad):  # the kernel reads flat memory
                 left.append(quad)
                 continue
             try:
-                self._kernel(
-                    *quad, beta1=beta1, beta2=beta2, lr=group["lr"], decay=group["weight_decay"],
-                    eps=group["eps"], step=step, seed=hash((*key, i)) % 2**31,
-                )  # fmt: skip
+                self._kernel(*quad, **hyper, step=step, seed=seeds[i])
             except Exception as e:  # noqa: BLE001 - any failure: the list path, from this weight on
                 _log.warning("the fused bf16 AdamW kernel failed (%s); using the list path instead", e)
                 self._kernel = False
-                return left + quads[i:]
+                return left + [q for j, q in enumerate(quads[i:], i) if j not in done]
         return left
 
 
