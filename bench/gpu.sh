@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tunelab's SFT speed beside the peers (BENCH.md) and the CUDA-only tests, on the GPU machine, in ONE
-# device call. First run 2026-11-26 on an H200 (bench/results/gpu_h200.md): the full finetunes and the
-# peers are measured; the default order below puts qwen_full, then what that run did not reach, first.
+# device call. Run 2026-11-26 on an H200 (bench/results/gpu_h200.md) and on an H100
+# (bench/results/gpu_h100.md); the default order below puts what those runs did not settle first.
 #
 # A session gets 15 minutes of device time, the machine's start (a minute or more) included, and
 # one command may run 10 minutes. So:
@@ -93,7 +93,8 @@ run_item() {
     # stalled (the host between steps: what graphs of the layers could not).
     qwen_full) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --profile ;;
     qwen_peer) item "$1" 200 "$out/peer_$pq.log" python3 .peers/peers_gpu.py "$peer" "$pq" ;;
-    qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora ;;
+    # --profile: LoRA ran slower than the full finetune on the H100; busy, launch gaps or stalls?
+    qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora --profile ;;
     # The whole loop on CUDA with its defaults (test_cuda_train), QLoRA and its fast LoRA forward on
     # CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.
     # The quick ones first; -v: each result is in tests.txt as it comes, even if the limit cuts the run.
@@ -128,13 +129,13 @@ run_item() {
 }
 
 items=("$@")
-# qwen_full first (the loop has changed since 2026-11-26, and LoRA's target is relative to it), then
-# what #8 still owes (LoRA, memory with checkpointing, the CUDA tests, eager against compiled, the
-# compiled head body, flex attention against the varlen kernel), then the peer beside it (90-125 s
-# each: BENCH.md's H100 figures and the H200's agree within 3.5 %), then the rest. One 600 s call
-# reaches about the tests; a second, `bash bench/gpu.sh ITEM ...`, takes what was skipped.
-[ ${#items[@]} -gt 0 ] || items=(qwen_full qwen_lora qwen_gc llama_gc tests qwen_eager abl_head abl_flex qwen_peer
-  llama_full llama_lora abl_mask abl_nearest abl_peft abl_plainhead qwen_whole llama_peer)
+# qwen_full first (since the H100 run every bf16 weight's AdamW update is one launch: does it close
+# the gap to round-to-nearest, abl_nearest, 101,895 there against 88,711-97,128?), then the peer
+# beside it on the same card (the H100 run had no time left for it), the CUDA tests (the sync count
+# never ran), LoRA profiled, whole-model compile, then the rest. One 600 s call reaches about
+# qwen_whole; a second, `bash bench/gpu.sh ITEM ...`, takes what was skipped.
+[ ${#items[@]} -gt 0 ] || items=(qwen_full abl_nearest qwen_peer tests qwen_lora qwen_whole llama_full llama_peer
+  llama_lora abl_mask abl_plainhead qwen_eager qwen_gc llama_gc abl_head abl_peft abl_flex)
 for it in "${items[@]}"; do run_item "$it"; done
 python3 bench/summarize.py "$out" | tee "$out/summary.md"
 echo "== done at $(date +%T); skipped for time: ${skipped[*]:-none}"

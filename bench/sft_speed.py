@@ -222,7 +222,7 @@ def main() -> None:
         const="true",
         default="auto",
         choices=["auto", "true", "false"],
-        help="train.compile: auto = the loop's rule (only for a run whose steps would take 2 minutes uncompiled "
+        help="train.compile: auto = the loop's rule (only for a run whose steps would take 1 minute uncompiled "
         "on CUDA, 5 on a CPU, which 40 steps do not: gpu.sh passes true), bare --compile = true",
     )
     p.add_argument(

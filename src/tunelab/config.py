@@ -101,7 +101,7 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer (training/compiling.py): "auto" = for a run whose steps would
-    # take at least compiling.WORTH_S uncompiled (2 minutes on CUDA, 5 on a CPU), timed on the largest
+    # take at least compiling.WORTH_S uncompiled (1 minute on CUDA, 5 on a CPU), timed on the largest
     # micro-batch; several processes compile on CUDA without timing and stay eager on a CPU; never
     # over QLoRA's 4-bit layers (untested compiled). Compiled, norms, rotary and activations are fused.
     compile: bool | Literal["auto"] = "auto"

@@ -132,14 +132,13 @@ def paused(model: Any) -> Iterator[None]:
 
 # `compile: auto` compiles a run whose steps would take at least this long uncompiled (estimated from
 # one timed micro-batch), by device type.
-# - cuda: measured on an H200 (bench/results/gpu_h200.md), the warm-up with an empty compiler cache is
-#   ~22 s for Qwen2.5-0.5B and Llama-3.2-1B alike; a finetune of ~1,000 examples trains in well under
-#   that. At 120 s the warm-up is under a fifth of the run: compiling pays from a speed-up of 1.22x.
-#   Not yet calibrated against the eager speed on a GPU (bench/gpu.sh qwen_eager).
-# - cpu (one process): on the world model (2 cores, bench/results/cpu_world.md) compiling costs 20 s
-#   more warm-up (empty cache) and trains 1.14x as fast: it breaks even at ~170 s of steps
-#   uncompiled. From 300 s it gains; the world base's pretraining (~30 min uncompiled) gains 1.16x.
-WORTH_S = {"cuda": 120.0, "cpu": 300.0}
+# - cuda: measured on an H100 (bench/results/gpu_h100.md), Qwen2.5-0.5B's shapes: compiled trains
+#   1.57x (cold) to 1.72x the eager tokens/s, after ~22 s more warm-up with an empty compiler cache
+#   (the same on an H200, for Llama-3.2-1B too) and ~4 s with a warm one (the same model again). So
+#   compiling breaks even at ~61 s of eager steps cold, ~9 s warm: from 60 s a first run loses
+#   nothing and every later one gains. A finetune of ~1,000 examples of a 0.5B model (~20 s
+#   uncompiled) stays eager.
+WORTH_S = {"cuda": 60.0, "cpu": 300.0}
 
 # Graphs one decoder layer's code may get before torch gives up compiling it (torch's default: 8).
 # A run may make a few (a model whose code torch specialises by size), and the layer code is shared by
