@@ -4,7 +4,7 @@ next to nothing and the step time is what Python, autograd, dispatch and the com
 wrappers cost. On a GPU the host pays that (plus ~5 us per kernel launch) while the GPU computes; if
 it approaches the GPU's time per step, the GPU waits for the host and CUDA graphs would pay.
 
-    python bench/host_cost.py --model qwen0.5b --compile true|false [--compile-scope model]
+    python bench/host_cost.py --model qwen0.5b --compile true|false [--compile-scope model] [--method lora]
 
 Prints ms per step over steps 21-60 (4 short examples per step, one micro-batch).
 """
@@ -27,7 +27,6 @@ def host_ms_per_step(
     steps: int = 60,
     inspect: Any = None,
     method: str = "full",
-    guards: str = "default",
 ) -> float:
     """ms per step over the steps after the first third (at most 20 left out); `inspect` is given
     {"model": the model} (tests)."""
@@ -60,15 +59,12 @@ def host_ms_per_step(
         lr=1e-5, max_steps=steps, batch_size=4, log_every=1, eval_every=0, warmup_ratio=0.0, compile=compile
     )
     before, compiling.SCOPE = compiling.SCOPE, scope
-    if guards != "default":
-        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             train(model, None, examples, [], train_cfg, Path(tmp), quiet=True, save=False)
             lines = (Path(tmp) / "metrics.jsonl").read_text().splitlines()
     finally:
         compiling.SCOPE = before
-        torch.compiler.set_stance("default")
     records = [r for r in map(json.loads, lines) if "loss" in r and r["step"] > min(20, steps // 3)]
     return 1000 * sum(r["tokens"] / r["tokens_per_s"] for r in records) / len(records)
 
@@ -80,21 +76,12 @@ def main() -> None:
     p.add_argument("--compile-scope", choices=["layers", "model"], default="layers")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--method", choices=["full", "lora"], default="full")
-    p.add_argument("--guards", choices=["default", "skip"], default="default",
-                   help="skip: torch.compiler.set_stance(skip_guard_eval_unsafe=True), only the guards that "
-                   "tell the compiled graphs apart are checked")  # fmt: skip
     args = p.parse_args()
     ms = host_ms_per_step(
-        args.model,
-        args.compile == "true",
-        args.compile_scope,
-        args.steps,
-        method=args.method,
-        guards=args.guards,
+        args.model, args.compile == "true", args.compile_scope, args.steps, method=args.method
     )
     print(json.dumps({"model": args.model, "method": args.method, "compile": args.compile,
-                      "scope": args.compile_scope, "guards": args.guards,
-                      "host_ms_per_step": round(ms, 2)}))  # fmt: skip
+                      "scope": args.compile_scope, "host_ms_per_step": round(ms, 2)}))  # fmt: skip
 
 
 if __name__ == "__main__":
