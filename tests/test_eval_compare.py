@@ -399,3 +399,70 @@ def test_generate_refuses_a_prompt_past_the_models_context(llama_dir):
     with pytest.raises(TunelabError, match=f"past this model's context of {context:,} tokens"):
         gen.generate(["Hello", long_prompt], max_new_tokens=2)
     assert len(gen.generate(["Hello"], max_new_tokens=2)) == 1
+
+
+def test_a_metric_failing_on_some_rows_leaves_them_unscored_and_says_so(tiny_models, tmp_path, capsys):
+    """A --metric that raises on one row cost every model's generations (the whole compare stopped
+    after generating); now that row has no score for that metric, counted on stderr per model. One
+    that cannot run at all stops before any model generates."""
+    (tmp_path / "picky.py").write_text(
+        "def picky(p, r):\n    if 'Lima' in r:\n        raise KeyError('oops')\n    return float(p == r)\n"
+        "def broken(p, r):\n    return p.nope\n"
+    )
+    a = scripted(tiny_models["llama"], A_ANSWERS, None)
+    b = scripted(tiny_models["qwen2"], B_ANSWERS, QA)
+    calls = []
+    b_generate = b.generate_detailed
+    b.generate_detailed = lambda *args, **kw: calls.append(1) or b_generate(*args, **kw)
+    settings = EvalSettings(device="cpu", metrics=[f"{tmp_path / 'picky.py'}:picky"])
+    out = compare([a, b], ROWS, settings, labels=["base", "tuned"])
+    rome = [i for i, r in enumerate(ROWS) if "Lima" in r["answer"]]
+    assert rome and all(math.isnan(out.model("tuned").scores("picky")[i]) for i in rome)
+    scored = [i for i in range(len(ROWS)) if i not in rome]
+    assert not any(math.isnan(out.model("tuned").scores("picky")[i]) for i in scored)
+    err = capsys.readouterr().err
+    assert f"metric 'picky' failed on {len(rome)} of {len(ROWS)} rows for tuned" in err and "KeyError" in err
+    assert "for base" in err and calls == [1]
+    with pytest.raises(TunelabError, match="metric 'broken' fails on the first test row's reference"):
+        compare([a, b], ROWS, EvalSettings(device="cpu", metrics=[f"{tmp_path / 'picky.py'}:broken"]))
+    assert calls == [1]  # stopped before generating
+
+
+def test_compare_checks_every_model_and_few_shot_pool_before_generating(tiny_models, tmp_path):
+    """A misspelt third model was found only after the first two had generated."""
+    from tunelab.errors import ModelLoadError
+
+    a = scripted(tiny_models["llama"], A_ANSWERS, None)
+    calls = []
+    a_generate = a.generate_detailed
+    a.generate_detailed = lambda *args, **kw: calls.append(1) or a_generate(*args, **kw)
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        compare(
+            [a, str(tiny_models["qwen2"]), str(tmp_path / "nonexistent")], ROWS, EvalSettings(device="cpu")
+        )
+    with pytest.raises(TunelabError, match="few-shot needs 3 training examples"):
+        compare(
+            [a, f"fewshot:3:{tiny_models['qwen2']}"], ROWS, EvalSettings(device="cpu"), train_rows=ROWS[:2]
+        )
+    assert calls == []
+
+
+def test_eval_finds_a_runs_local_base_from_another_directory(llama_dir, tmp_path, monkeypatch):
+    """A run trained with a relative model path kept it relative in config.yaml: `eval RUN` from
+    another directory looked for the base there."""
+    import tunelab
+    from tunelab.evaluate.cli import base_of
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    monkeypatch.chdir(llama_dir.parent)
+    for method in ("full", "lora"):
+        run = tunelab.train(
+            model=llama_dir.name, data=str(data), out=str(tmp_path / method), quiet=True, max_steps=1,
+            batch_size=2, **{"train.method": method, "data.check": "off"},
+        )  # fmt: skip
+        elsewhere = tmp_path / f"elsewhere-{method}"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        assert Path(base_of(str(run.path))) == llama_dir.resolve()
+        monkeypatch.chdir(llama_dir.parent)

@@ -4,6 +4,7 @@ bootstrap checked by hand. No model is loaded here."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -39,6 +40,28 @@ def test_exact_match_raw_and_normalised():
     assert exact_match_norm("paris", "Paris.") == 1.0
     assert exact_match_norm("The capital is Paris", "capital is Paris!") == 1.0
     assert exact_match_norm("Lyon", "Paris") == 0.0
+
+
+def test_normalised_matches_keep_numbers_and_choice_letters_apart():
+    """SQuAD's normalisation dropped the decimal point, the minus sign and a lone article: "3.14"
+    matched "31.4", "-5" matched "5", and an empty answer matched the choice "A"."""
+    assert exact_match_norm("3.14", "31.4") == 0.0 and exact_match_norm("It is 3.14.", "it is 3.14") == 1.0
+    assert exact_match_norm("-5", "5") == 0.0 and exact_match_norm("\u22125", "-5") == 0.0
+    assert exact_match_norm("1,000", "1000") == 1.0  # a thousands separator goes, as in SQuAD
+    assert exact_match_norm("", "A") == 0.0 and exact_match_norm("The", "A") == 0.0
+    assert exact_match_norm("a", "A") == 1.0 and exact_match_norm("(A)", "A") == 1.0
+    assert contains("A", "A") == 1.0 and contains("The answer is B.", "A") == 0.0
+    assert contains("The answer is A.", "A") == 1.0
+    assert exact_match_norm("The capital", "capital") == 1.0  # articles still go beside other words
+
+
+def test_bleu_splits_chinese_and_japanese_into_characters():
+    """sacrebleu's default tokenizer splits on spaces: a Chinese sentence was one word, and a missing
+    full stop scored 0."""
+    assert bleu("北京是中国的首都", "北京是中国的首都。") > 0.8
+    assert bleu("東京は日本の首都です", "東京は日本の首都です") == pytest.approx(1.0)
+    assert corpus_bleu(["北京是中国的首都"], ["北京是中国的首都。"]) > 80
+    assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)  # 13a as before
 
 
 def test_contains_on_word_boundaries():
@@ -98,6 +121,24 @@ def test_user_metric_errors_are_for_people(tmp_path, monkeypatch):
     boom = load_user_metric(f"{tmp_path / 'm2.py'}:boom")
     with pytest.raises(TunelabError, match="metric 'boom' failed"):
         score("a", "b", [boom])
+    # A module that fails while loading: one line with the error, no traceback, nothing half-loaded.
+    (tmp_path / "badsyntax.py").write_text("def f(p, r):\n    return 1 +\n")
+    with pytest.raises(TunelabError, match=r"failed while loading \(line 2\): SyntaxError") as e:
+        load_user_metric(f"{tmp_path / 'badsyntax.py'}:f")
+    assert "python " in e.value.hint and "badsyntax" not in sys.modules
+    (tmp_path / "badexec.py").write_text("x = 1 / 0\ndef f(p, r):\n    return 1.0\n")
+    with pytest.raises(TunelabError, match="failed while loading: ZeroDivisionError"):
+        load_user_metric(f"{tmp_path / 'badexec.py'}:f")
+    assert "badexec" not in sys.modules
+
+
+def test_a_user_metric_named_like_another_keeps_its_module_in_its_name(tmp_path):
+    (tmp_path / "mine.py").write_text("def exact_match(p, r):\n    return 0.5\n")
+    metrics = resolve_metrics([f"{tmp_path / 'mine.py'}:exact_match"])
+    assert [m.name for m in metrics][-2:] == ["bleu", "mine.exact_match"]
+    assert score("a", "a", metrics) == {**score("a", "a", metrics[:-1]), "mine.exact_match": 0.5}
+    with pytest.raises(TunelabError, match="given twice"):
+        resolve_metrics([f"{tmp_path / 'mine.py'}:exact_match"] * 2)
 
 
 # ------------------------------------------------------------------ error analysis

@@ -105,6 +105,18 @@ def _load_error(name: str, err: Exception) -> ModelLoadError:
     )
 
 
+def check_loadable(name_or_path: str) -> None:
+    """Raises the ModelLoadError that loading `name_or_path` would, reading only its config (and the
+    run's or adapter's files): for a list of models checked before the first one loads."""
+    from transformers import AutoConfig
+
+    src = resolve_source(name_or_path)
+    try:
+        AutoConfig.from_pretrained(src.model)
+    except Exception as e:  # noqa: BLE001 - whatever stops the config stops the model
+        raise _load_error(src.model, e) from None
+
+
 # attn_implementation -> the module it needs (transformers raises a bare ImportError deep in loading).
 _ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 _AUTO_HINT = (

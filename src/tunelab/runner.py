@@ -152,6 +152,15 @@ def _build_model(cfg: RunConfig, quantization: Any) -> tuple[Any, Any, RunConfig
     return model, tokenizer, cfg
 
 
+def _absolute(name: str | None) -> str | None:
+    """A model or tokenizer given as a local path, made absolute (the run's config is read from other
+    directories later); names (the shipped `world`, hub ids) as they are."""
+    if name is None or name == "world" or name.startswith("world:"):
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def run(
     cfg: RunConfig,
     quiet: bool = False,
@@ -202,9 +211,15 @@ def run(
             run_dir.rmdir()  # a model that failed to load or wrap leaves no empty run directory
         raise
 
-    # The resolved config: the template is written out, so inference renders exactly like training.
+    # The resolved config: the template is written out, so inference renders exactly like training;
+    # a local base model's path is made absolute, so `eval RUN` finds it from any directory.
     resolved = dataclasses.replace(
         cfg,
+        model=dataclasses.replace(
+            cfg.model,
+            name_or_path=_absolute(cfg.model.name_or_path),
+            tokenizer=_absolute(cfg.model.tokenizer),
+        ),
         data=dataclasses.replace(
             cfg.data,
             template=template.name,

@@ -22,7 +22,14 @@ def base_of(model: str) -> str | None:
         from tunelab.config import load_config
 
         cfg = load_config(src.run_dir / "config.yaml")
-        return None if cfg.model.init is not None else cfg.model.name_or_path
+        if cfg.model.init is not None:
+            return None
+        base = cfg.model.name_or_path
+        local = base != "world" and not base.startswith("world:")
+        if src.adapter is not None and local and not Path(base).expanduser().exists():
+            # An older run's relative base path: the adapter keeps the path it was loaded from.
+            base = resolve_source(str(src.adapter)).model or base
+        return base
     return src.model if src.adapter else None
 
 

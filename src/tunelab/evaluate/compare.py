@@ -21,7 +21,7 @@ from tunelab.data import templates
 from tunelab.errors import TunelabError
 from tunelab.evaluate import judge as judging
 from tunelab.evaluate.errors import ErrorSummary, summarise
-from tunelab.evaluate.metrics import corpus_bleu, resolve_metrics
+from tunelab.evaluate.metrics import check_user_metrics, corpus_bleu, resolve_metrics
 from tunelab.evaluate.predict import (
     EvalSettings,
     Example,
@@ -31,7 +31,9 @@ from tunelab.evaluate.predict import (
     label_for,
     own_template,
     parse_contender,
+    pick_shots,
 )
+from tunelab.models import check_loadable
 
 
 def bootstrap_mean(
@@ -324,6 +326,14 @@ def compare(
         )
     if settings.template is not None:
         templates.resolve(settings.template, examples[0].schema)  # a bad name fails before any model loads
+    metric_fns = resolve_metrics(settings.metrics)  # a --metric that cannot load or run fails here
+    check_user_metrics(metric_fns, examples[0].reference)
+    for spec in models:  # every model named, and every few-shot pool, before the first one generates
+        if isinstance(spec, str):
+            contender = parse_contender(spec)
+            check_loadable(contender.model)
+            if contender.shots:
+                pick_shots(pool or [], contender.shots, settings.seed, examples)
     if judge is not None and judge.mode == "pairwise" and len(models) < 2:
         raise TunelabError("pairwise judging needs two models or more", "use --judge-mode rubric for one")
     if judge is not None:  # a judge that is down would waste every model's generations
@@ -334,7 +344,6 @@ def compare(
     # A model without a template of its own (a base model) is asked in the first template found, so
     # base and finetuned see the very same prompt.
     shared = next((t for t in map(_template_of, models) if t is not None), None)
-    metric_fns = resolve_metrics(settings.metrics)
     results = [
         evaluate_contender(spec, examples, settings, metric_fns, shared, pool, label)
         for spec, label in zip(models, names)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import re
 import string
 import sys
@@ -29,6 +30,11 @@ _PUNCTUATION = set(string.punctuation)
 _WORDS = re.compile(
     r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+"
 )
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Punctuation that is part of a number, kept by `normalize`: a decimal point between digits ("3.14" is
+# not "314"), a minus sign before a digit at the start of a word ("-5" is not "5"). A comma between
+# digits goes, as in SQuAD ("1,000" is "1000").
+_NUMBER_MARKS = re.compile(r"(?<=\d)\.(?=\d)|(?<![\w.,])[-\u2212](?=\d)")
 
 
 def _is_punctuation(ch: str) -> bool:
@@ -42,11 +48,22 @@ class _UnicodeWords:
         return _WORDS.findall(text.lower())
 
 
-def normalize(text: str) -> str:
-    """SQuAD's answer normalisation: lowercase, drop punctuation (of any script) and articles,
-    collapse whitespace."""
-    text = "".join(ch for ch in text.lower() if not _is_punctuation(ch))
-    return " ".join(_ARTICLES.sub(" ", text).split())
+def normalize(text: str, articles: bool = True) -> str:
+    """SQuAD's answer normalisation: lowercase, drop punctuation (of any script; not the decimal
+    point or sign of a number) and articles (`articles`), collapse whitespace."""
+    text = text.lower()
+    keep = {m.start() for m in _NUMBER_MARKS.finditer(text)}
+    text = "".join(ch for i, ch in enumerate(text) if i in keep or not _is_punctuation(ch))
+    return " ".join((_ARTICLES.sub(" ", text) if articles else text).split())
+
+
+def _normalized(prediction: str, reference: str) -> tuple[str, str]:
+    """Both normalised; where the reference is nothing but an article ("A", "The": a choice's
+    letter), the articles stay, or an empty prediction would match it."""
+    ref = normalize(reference)
+    if not ref and reference.strip():
+        return normalize(prediction, articles=False), normalize(reference, articles=False)
+    return normalize(prediction), ref
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -55,12 +72,13 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def exact_match_norm(prediction: str, reference: str) -> float:
-    return float(normalize(prediction) == normalize(reference))
+    pred, ref = _normalized(prediction, reference)
+    return float(pred == ref)
 
 
 def contains(prediction: str, reference: str) -> float:
     """The normalised reference appears in the normalised prediction, on word boundaries."""
-    ref, pred = normalize(reference), normalize(prediction)
+    pred, ref = _normalized(prediction, reference)
     return float(bool(ref) and f" {ref} " in f" {pred} ")
 
 
@@ -84,12 +102,20 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_rouge_scorer.score(reference, prediction)["rougeL"].fmeasure)
 
 
+def _bleu_tokenizer(texts: list[str]) -> str:
+    """sacrebleu's tokenizer: its default (13a, words between spaces) unless some text is Chinese or
+    Japanese, written without spaces (13a made a whole sentence one word: BLEU 0 for a missing
+    full stop); there `zh`, which splits off each Han and kana character."""
+    return "zh" if any(_CJK.search(t) for t in texts) else "13a"
+
+
 def bleu(prediction: str, reference: str) -> float:
     """Sentence BLEU from sacrebleu (exponential smoothing, its default for single sentences) / 100."""
     _need("sacrebleu")
     import sacrebleu
 
-    return float(sacrebleu.sentence_bleu(prediction, [reference]).score) / 100.0
+    tokenize = _bleu_tokenizer([prediction, reference])
+    return float(sacrebleu.sentence_bleu(prediction, [reference], tokenize=tokenize).score) / 100.0
 
 
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:
@@ -97,7 +123,8 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     _need("sacrebleu")
     import sacrebleu
 
-    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    tokenize = _bleu_tokenizer(predictions + references)
+    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score)
 
 
 _BUILTIN: dict[str, Callable[[str, str], float]] = {
@@ -113,6 +140,7 @@ _BUILTIN: dict[str, Callable[[str, str], float]] = {
 class Metric:
     name: str
     fn: Callable[[str, str], float]
+    user: bool = False  # a --metric: a failure on one row leaves that row unscored (`score`)
 
 
 def load_user_metric(path: str) -> Metric:
@@ -122,6 +150,7 @@ def load_user_metric(path: str) -> Metric:
         raise TunelabError(
             f"metric '{path}' is not of the form module:function", "e.g. --metric mypkg.scoring:f1"
         )
+    added = None
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
@@ -129,14 +158,25 @@ def load_user_metric(path: str) -> Metric:
             if spec is None or spec.loader is None or not file.exists():
                 raise ImportError(f"no such file {file}")
             module = importlib.util.module_from_spec(spec)
-            sys.modules.setdefault(file.stem, module)
+            if file.stem not in sys.modules:
+                added = sys.modules[file.stem] = module
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
     except ImportError as e:
+        _forget(added)
         raise TunelabError(
             f"cannot import '{module_name}' for metric '{path}': {e}",
             "the module must be importable from here (on PYTHONPATH) or be a .py file path",
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a syntax error or a failing line in the user's module
+        _forget(added)
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        raise TunelabError(
+            f"metric module '{module_name}' failed while loading{where}: {type(e).__name__}: {e}",
+            f"fix '{module_name}' and run again; `python {module_name}` shows the whole traceback"
+            if module_name.endswith(".py")
+            else f"fix '{module_name}' and run again; `python -c 'import {module_name}'` shows the traceback",
         ) from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
@@ -144,7 +184,14 @@ def load_user_metric(path: str) -> Metric:
             f"'{module_name}' has no function '{func_name}'",
             f"define {func_name}(prediction, reference) -> float",
         )
-    return Metric(func_name, fn)
+    return Metric(func_name, fn, user=True)
+
+
+def _forget(module: object) -> None:
+    """Takes a half-loaded module out of sys.modules again."""
+    for name, m in list(sys.modules.items()):
+        if m is module and module is not None:
+            del sys.modules[name]
 
 
 def resolve_metrics(user: list[str] | None = None) -> list[Metric]:
@@ -152,13 +199,21 @@ def resolve_metrics(user: list[str] | None = None) -> list[Metric]:
     found = [Metric(name, fn) for name, fn in _BUILTIN.items()]
     for path in user or []:
         m = load_user_metric(path)
-        if any(m.name == f.name for f in found):
-            m = Metric(f"{m.name}_{len(found)}", m.fn)
+        if any(m.name == f.name for f in found):  # a built-in's name, or two modules' same function
+            module = path.rpartition(":")[0]
+            m = Metric(f"{Path(module).stem if module.endswith('.py') else module}.{m.name}", m.fn, user=True)
+            if any(m.name == f.name for f in found):
+                raise TunelabError(f"metric '{path}' is given twice", "give each --metric once")
         found.append(m)
     return found
 
 
-def score(prediction: str, reference: str, metrics: list[Metric]) -> dict[str, float]:
+def score(
+    prediction: str, reference: str, metrics: list[Metric], failures: dict[str, list[str]] | None = None
+) -> dict[str, float]:
+    """Each metric's score. A user's metric that raises on this row: with `failures`, the row gets no
+    score (NaN, left out of means and intervals) and the error is added to `failures[name]`, so one
+    bad row does not throw away every model's generations; without, a TunelabError naming it."""
     out = {}
     for m in metrics:
         try:
@@ -166,9 +221,28 @@ def score(prediction: str, reference: str, metrics: list[Metric]) -> dict[str, f
         except TunelabError:
             raise
         except Exception as e:  # a user's metric failing on one row names the row's metric, not a traceback
-            raise TunelabError(
-                f"metric '{m.name}' failed on prediction {prediction[:60]!r}: {type(e).__name__}: {e}",
-                "metrics are called as fn(prediction: str, reference: str) -> float",
-            ) from e
+            if failures is None or not m.user:
+                raise TunelabError(
+                    f"metric '{m.name}' failed on prediction {prediction[:60]!r}: {type(e).__name__}: {e}",
+                    "metrics are called as fn(prediction: str, reference: str) -> float",
+                ) from e
+            failures.setdefault(m.name, []).append(f"{type(e).__name__}: {e}")
+            value = math.nan
         out[m.name] = value
     return out
+
+
+def check_user_metrics(metrics: list[Metric], reference: str) -> None:
+    """Each user metric called once, on a test row's reference against itself, before any model
+    loads: a metric that cannot run at all fails here, not after every model has generated."""
+    for m in metrics:
+        if not m.user:
+            continue
+        try:
+            float(m.fn(reference, reference))
+        except Exception as e:  # noqa: BLE001 - the user's code: say what failed, in one line
+            raise TunelabError(
+                f"metric '{m.name}' fails on the first test row's reference scored against itself: "
+                f"{type(e).__name__}: {e}",
+                "metrics are called as fn(prediction: str, reference: str) -> float; fix it before generating",
+            ) from None

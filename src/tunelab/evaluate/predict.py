@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -281,9 +282,15 @@ def _generate(
 
 
 def _predictions(
-    examples: list[Example], generations: list[Any], prompts: list[str], metrics: list[Metric], rules: Any
+    examples: list[Example],
+    generations: list[Any],
+    prompts: list[str],
+    metrics: list[Metric],
+    rules: Any,
+    label: str = "model",
 ) -> list[Prediction]:
     out = []
+    failures: dict[str, list[str]] = {}
     for i, (ex, g, prompt) in enumerate(zip(examples, generations, prompts)):
         text = g.text.strip()
         out.append(
@@ -294,9 +301,15 @@ def _predictions(
                 finish_reason=g.finish_reason,
                 prompt_tokens=g.prompt_tokens,
                 completion_tokens=g.completion_tokens,
-                scores=score(text, ex.reference, metrics),
+                scores=score(text, ex.reference, metrics, failures),
                 errors=error_rules.analyse(text, ex.reference, ex.question, g.finish_reason, rules),
             )
+        )
+    for name, errors in failures.items():
+        print(
+            f"metric '{name}' failed on {len(errors)} of {len(out)} rows for {label}; those rows have no "
+            f"score (left out of its mean and intervals). First: {errors[0][:200]}",
+            file=sys.stderr,
         )
     return out
 
@@ -335,7 +348,9 @@ def evaluate_contender(
         stop = shot_stops(template) if shots else None
         generations = _generate(gen, prompts, settings, stop, label or contender.spec)
         rules = error_rules.ErrorRules(format_regex=settings.format_regex)
-        predictions = _predictions(examples, generations, prompts, metrics, rules)
+        predictions = _predictions(
+            examples, generations, prompts, metrics, rules, label or label_for(contender.spec)
+        )
         loss = None
         if settings.with_loss:
             chat = template is not None and template.name == "chat"
