@@ -16,7 +16,7 @@ import torch
 
 from tunelab.data import templates
 from tunelab.errors import DataError, TunelabError
-from tunelab.evaluate.compare import compare, paired_bootstrap
+from tunelab.evaluate.compare import _deltas, compare, paired_bootstrap
 from tunelab.evaluate.predict import EvalSettings, examples_from_rows, parse_contender
 from tunelab.generate import Generation, Generator
 
@@ -466,3 +466,52 @@ def test_eval_finds_a_runs_local_base_from_another_directory(llama_dir, tmp_path
         monkeypatch.chdir(elsewhere)
         assert Path(base_of(str(run.path))) == llama_dir.resolve()
         monkeypatch.chdir(llama_dir.parent)
+
+
+def test_the_metric_table_says_when_means_and_deltas_cover_different_rows(result):
+    """Scores missing on different rows for each model: the means were over different rows from the
+    delta's, with nothing said (base 3.000, run 3.000, delta +1.000)."""
+    from tunelab.evaluate.tables import metric_table
+
+    base, tuned = result.model("base"), result.model("tuned")
+    saved, saved_deltas = [dict(p.scores) for m in (base, tuned) for p in m.predictions], result.deltas
+    try:
+        for i, (a, b) in enumerate(
+            [(5, math.nan), (5, math.nan), (1, 2), (1, 2), (math.nan, 4), (math.nan, 4)]
+        ):
+            base.predictions[i].scores["judge"], tuned.predictions[i].scores["judge"] = a, b
+        result.deltas = _deltas(result.models, [*result.metrics, "judge"], 200, 0)
+        result.metrics.append("judge")
+        (row,) = [r for r in metric_table(result)[1] if r[0] == "judge"]
+        assert row[1] == "3.000 on 4/6" and row[2].startswith(
+            "3.000 on 4/6 (+1.000 [+1.000, +1.000], 2 paired)"
+        )
+        (row,) = [r for r in metric_table(result)[1] if r[0] == "exact_match_norm"]
+        assert "on " not in row[1] and "paired" not in row[2]  # every row scored: as before
+    finally:
+        result.metrics.remove("judge")
+        for p, s in zip([p for m in (base, tuned) for p in m.predictions], saved):
+            p.scores = s
+        result.deltas = saved_deltas
+
+
+def test_eval_can_leave_out_bad_test_rows_when_asked(llama_dir, tmp_path, capsys):
+    """eval's hint for a bad test row was `--data.on_bad_row=skip`, which eval then refused."""
+    from tunelab.cli import main
+    from tunelab.evaluate.predict import read_examples
+
+    lines = [json.dumps(r) for r in ROWS[:3]]
+    lines.insert(1, '{"question": "broken", ')  # line 2: not JSON
+    lines.append(json.dumps({"question": "Empty?", "answer": ""}))  # line 5: nothing to score against
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(lines) + "\n")
+    args = ["eval", str(llama_dir), "--data", str(test), "--no-base", "--max-new-tokens", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "--data.on_bad_row=skip" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--data.on_bad_row=skip", "--bootstrap", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 2 bad rows" in err and "test.jsonl:2" in err and "test.jsonl:5" in err
+    summary = json.loads((tmp_path / "b" / "eval" / "summary.json").read_text())
+    assert summary["n_examples"] == 3
+    kept = read_examples(str(test), limit=2, on_bad_row="skip")
+    assert [ex.record.line for ex in kept] == [1, 3]  # the file's own lines, the limit over usable rows

@@ -185,23 +185,26 @@ def _check_regex(pattern: str | None) -> None:
         raise TunelabError(f"--format-regex {pattern!r} is not a valid regular expression: {e}") from None
 
 
-def _fields(args: argparse.Namespace, trained: Any) -> dict[str, str]:
+def _data_options(args: argparse.Namespace, trained: Any) -> tuple[dict[str, str], Any]:
     """Column names for the rows' roles: `--data.fields.ROLE=COLUMN` on the command line, else the
-    `data.fields` the evaluated run trained with (`trained`, its config or None)."""
+    `data.fields` the evaluated run trained with (`trained`, its config or None); and what to do
+    with a bad test row, `--data.on_bad_row=error|skip` (default error)."""
     from tunelab.config import parse_override
 
     given: dict[str, str] = {}
+    on_bad_row = "error"
     for arg in getattr(args, "overrides", []):
         keys, value = parse_override(arg)
+        if keys == ["data", "on_bad_row"] and value in ("error", "skip"):
+            on_bad_row = value
+            continue
         if keys[:2] != ["data", "fields"] or (len(keys) == 2) != isinstance(value, dict):
             raise TunelabError(
-                f"{arg}: eval and compare take only the test rows' column names",
-                "as --data.fields.question=q --data.fields.answer=a",
+                f"{arg}: eval and compare take only the test rows' column names and data.on_bad_row",
+                "as --data.fields.question=q --data.fields.answer=a, or --data.on_bad_row=skip",
             )
         given.update({str(k): str(v) for k, v in value.items()} if len(keys) == 2 else {keys[2]: str(value)})
-    if given:
-        return given
-    return dict(trained.data.fields) if trained else {}
+    return (given or (dict(trained.data.fields) if trained else {})), on_bad_row
 
 
 def _trained_with(models: list[str]) -> Any:
@@ -228,9 +231,9 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
 
     _check_regex(args.format_regex)
     trained = _trained_with(models)
-    fields = _fields(args, trained)
-    examples = read_examples(args.data, args.limit, fields)
-    pool = read_examples(train_data, fields=fields) if train_data else None
+    fields, on_bad_row = _data_options(args, trained)
+    examples = read_examples(args.data, args.limit, fields, on_bad_row)
+    pool = read_examples(train_data, fields=fields, on_bad_row=on_bad_row) if train_data else None
     settings = _settings(args)
     if trained is not None and trained.task == "sft":  # every contender's loss cut as the run's was
         settings = dataclasses.replace(

@@ -37,12 +37,18 @@ class Example:
 
 
 def examples_from_rows(
-    rows: list[dict[str, Any]], source: str = "<rows>", fields: dict[str, str] | None = None
+    rows: list[dict[str, Any]] | list[formats.Row],
+    source: str = "<rows>",
+    fields: dict[str, str] | None = None,
+    skipped: list[DataError] | None = None,
 ) -> list[Example]:
     """Rows with `question`/`answer` (or any schema tunelab trains on, except raw text); `fields`
-    maps roles to other column names, as `data.fields` does for training."""
+    maps roles to other column names, as `data.fields` does for training. A row that is not a
+    usable example raises its DataError, or with `skipped` is left out and its error added there."""
     fields = fields or {}
-    wrapped = [formats.Row(source, i, r) for i, r in enumerate(rows, start=1)]
+    wrapped = [
+        r if isinstance(r, formats.Row) else formats.Row(source, i, r) for i, r in enumerate(rows, start=1)
+    ]
     name = schema.detect_schema(wrapped, fields, source)
     if name == "text":
         raise DataError(
@@ -52,7 +58,13 @@ def examples_from_rows(
         )
     out = []
     for row in wrapped:
-        rec = schema.to_record(row, name, fields)
+        try:
+            rec = schema.to_record(row, name, fields)
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(e)
+            continue
         if name == "messages":
             msgs = rec.values["messages"]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
@@ -67,17 +79,28 @@ def examples_from_rows(
     return out
 
 
-def read_examples(path: str, limit: int | None = None, fields: dict[str, str] | None = None) -> list[Example]:
-    """A test file in any format `tunelab train` reads (`world:heldout.jsonl` for the shipped one)."""
+def read_examples(
+    path: str,
+    limit: int | None = None,
+    fields: dict[str, str] | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+) -> list[Example]:
+    """A test file in any format `tunelab train` reads (`world:heldout.jsonl` for the shipped one).
+    `on_bad_row="skip"` leaves out rows that cannot be read or are not usable examples (an empty
+    answer, say), each said on stderr with its line; `limit` counts the usable ones."""
     from tunelab.world.build import resolve_world_path
 
-    read = formats.read_rows(resolve_world_path(path))
-    rows = [r.data for r in read.rows[:limit]]
-    if not rows:
+    read = formats.read_rows(resolve_world_path(path), on_bad_row=on_bad_row)
+    skipped: list[DataError] = []
+    examples = examples_from_rows(read.rows, path, fields, skipped if on_bad_row == "skip" else None)
+    examples = examples[:limit]  # their records keep the file's own line numbers, for messages
+    bad = [f"{r.source}:{r.line}: {r.reason}" for r in read.rejects] + [
+        str(e).splitlines()[0] for e in skipped
+    ]
+    if bad:
+        print(f"left out {len(bad)} bad rows of {path}:", *bad[:10], sep="\n  ", file=sys.stderr)
+    if not examples:
         raise DataError("no rows to evaluate", source=path)
-    examples = examples_from_rows(rows, path, fields)
-    for ex, r in zip(examples, read.rows):  # keep the file's own line numbers in messages
-        ex.record = replace(ex.record, line=r.line)
     return examples
 
 

@@ -25,7 +25,10 @@ def _signed(v: float, digits: int = 3) -> str:
 
 def metric_table(result: CompareResult) -> Table:
     """Rows of metrics, a column per model; later models show their delta against the first with the
-    95% paired-bootstrap interval. An interval that excludes 0 is a difference the data supports."""
+    95% paired-bootstrap interval. An interval that excludes 0 is a difference the data supports.
+    Where some rows have no score (a judge's reply without one, a --metric that failed on them), a
+    mean says over how many rows, and a delta over how many both models scored: then the means
+    are over different rows, and only the delta compares like with like."""
     labels = result.labels
     header = ["metric", *labels]
     rows = []
@@ -46,9 +49,14 @@ def metric_table(result: CompareResult) -> Table:
         row = [metric]
         for m in result.models:
             cell = _num(result.mean(m.label, metric))
+            scored = sum(not math.isnan(v) for v in m.scores(metric))
+            if scored < len(m.predictions):
+                cell += f" on {scored}/{len(m.predictions)}"
             d = deltas.get((m.label, metric))
             if d is not None:
-                cell += f" ({_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}])"
+                paired = d.wins + d.ties + d.losses
+                over = f", {paired} paired" if paired < len(m.predictions) else ""
+                cell += f" ({_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}]{over})"
             row.append(cell)
         rows.append(row)
     if result.corpus_bleu:
