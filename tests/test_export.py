@@ -168,3 +168,33 @@ def test_export_errors_are_for_people(runs, tmp_path, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "mine"
     shutil.rmtree(busy)
+
+
+def test_export_never_deletes_what_it_exports(runs, tmp_path, capsys):
+    """`export RUN --merge RUN/final --overwrite` deleted the run's final/ before reading it; an
+    output that is a file crashed with a traceback; a missing source after --overwrite had already
+    deleted the output."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"], run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run / "final", run, run / "final" / "sub", run.parent):
+        for flag in ("--merge", "--adapter"):
+            assert cli.main(["export", str(run), flag, str(out), "--overwrite"]) == 2
+            assert "overlaps what is being exported" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("mine")
+    assert cli.main(["export", str(tmp_path / "typo"), "--merge", str(kept), "--overwrite"]) == 2
+    assert "no such model folder" in capsys.readouterr().err and (kept / "mine.txt").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["export", str(run), "--merge", str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    same = str(tmp_path / "same")
+    assert cli.main(["export", str(run), "--merge", same, "--adapter", same]) == 2
+    assert "same or nested folders" in capsys.readouterr().err and not Path(same).exists()
+    assert (
+        cli.main(["export", str(run), "--merge", str(kept), "--overwrite"]) == 0
+    )  # a real overwrite still works
+    assert not (kept / "mine.txt").exists() and (kept / "config.json").exists()

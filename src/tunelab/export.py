@@ -69,13 +69,40 @@ def chat_template(template: Template, tokenizer: Any) -> str | None:
     )
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
+def _check_out(out: Path, overwrite: bool, sources: list[str | Path]) -> None:
+    """Refuse, before anything is read or written, an output that cannot take the export: a file, a
+    folder that is or holds or lies inside what is exported (--overwrite would delete the source
+    before it is read), a non-empty folder without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"{out} is a file, not a folder", "choose a folder path for the export")
+    target = out.expanduser().resolve()
+    for source in sources:
+        src = Path(source).expanduser().resolve()
+        if src.exists() and (target == src or target in src.parents or src in target.parents):
             raise TunelabError(
-                f"{out} already exists and is not empty", "pass --overwrite or choose another path"
+                f"the output {out} is or overlaps what is being exported ({source})",
+                "choose an output folder outside the run (e.g. exports/NAME)",
             )
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise TunelabError(
+            f"{out} already exists and is not empty", "pass --overwrite or choose another path"
+        )
+
+
+def _prepare_out(out: Path) -> None:
+    """Empties the output folder (checked by `_check_out`), once the source has been read."""
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TunelabError(f"cannot create {out}: {e.strerror}", "choose a folder you can write to") from None
+
+
+def _sources(source: str) -> list[str | Path]:
+    """What an export of `source` reads: the path given, its run, its model and its adapter."""
+    src = resolve_source(source)
+    return [source, *(p for p in (src.run_dir, src.adapter, src.model) if p)]
 
 
 def _saved_dtype(model_path: str) -> str:
@@ -92,7 +119,7 @@ def merge(source: str, out: Path, dtype: str = "auto", overwrite: bool = False) 
     """Write `source` (a run dir, adapter or HF folder) as one standalone HF model folder."""
     from tunelab.generate import Generator
 
-    _prepare_out(out, overwrite)
+    _check_out(out, overwrite, _sources(source))
     # Merged in float32 on the CPU: W + (alpha/r)·BA is then exact to float32, whatever the base's dtype.
     model, tok, src = load_model(source, dtype="float32", device="cpu")
     if src.adapter:
@@ -107,7 +134,7 @@ def merge(source: str, out: Path, dtype: str = "auto", overwrite: bool = False) 
     gen = model.generation_config
     gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
     gen.pad_token_id = tok.pad_token_id
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     gen.save_pretrained(out)
@@ -124,7 +151,8 @@ def copy_adapter(source: str, out: Path, overwrite: bool = False) -> Path:
             f"{source} holds a full model, not a LoRA adapter",
             f"use `tunelab export {source} --merge OUT` (or copy its final/ folder as it is)",
         )
-    _prepare_out(out, overwrite)
+    _check_out(out, overwrite, _sources(source))
+    _prepare_out(out)
     shutil.copytree(src.adapter, out, dirs_exist_ok=True)
     return out
 
@@ -132,6 +160,15 @@ def copy_adapter(source: str, out: Path, overwrite: bool = False) -> Path:
 def handler(args: argparse.Namespace) -> int:
     if not (args.merge or args.adapter):
         raise TunelabError("nothing to export", "give --merge OUT and/or --adapter OUT")
+    if args.merge and args.adapter:
+        merge_to, adapter_to = (
+            Path(args.merge).expanduser().resolve(),
+            Path(args.adapter).expanduser().resolve(),
+        )
+        if merge_to == adapter_to or merge_to in adapter_to.parents or adapter_to in merge_to.parents:
+            raise TunelabError(
+                "--merge and --adapter name the same or nested folders", "give each its own folder"
+            )
     if args.adapter:
         out = copy_adapter(args.run, Path(args.adapter), args.overwrite)
         base = json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path")
