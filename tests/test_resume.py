@@ -158,7 +158,48 @@ def test_resume_refuses_changed_data(reference, data, tmp_path):
     config = (run / "config.yaml").read_text().replace(str(data), str(tmp_path / "other.jsonl"))
     write_jsonl(tmp_path / "other.jsonl", [{**r, "answer": r["answer"] + "!"} for r in rows])
     (run / "config.yaml").write_text(config)
-    with pytest.raises(TunelabError, match="training data or the step count changed"):
+    with pytest.raises(TunelabError, match=r"changed since: the training data \(its tokenized examples\)"):
+        runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (("lr: 0.01", "lr: 0.005"), "train.lr (0.01 then, 0.005 now)"),
+        (("schedule: cosine", "schedule: constant"), "train.schedule ('cosine' then, 'constant' now)"),
+        (("seed: 0", "seed: 1"), "train.seed (0 then, 1 now)"),
+        (("batch_size: 4", "batch_size: 8"), "train.batch_size (4 then, 8 now)"),
+        (("max_steps: 30", "max_steps: 40"), "the step count (30 planned, 40 now"),
+    ],
+)
+def test_resume_refuses_an_edited_config_and_says_what_changed(reference, tmp_path, edit, said):
+    """An edited config.yaml resumed silently: a new lr was ignored (the checkpoint's scheduler won),
+    a new schedule applied halfway, a new seed or batch size changed the data order mid-epoch."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["lora"], run)
+    shutil.rmtree(run / "final")
+    config = (run / "config.yaml").read_text()
+    assert edit[0] in config, config
+    (run / "config.yaml").write_text(config.replace(edit[0], edit[1]))
+    with pytest.raises(TunelabError, match="cannot resume") as e:
+        runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+    assert said in str(e.value) and "--from" in e.value.hint
+
+
+def test_resume_takes_the_memory_and_logging_knobs_and_refuses_another_lora_rank(reference, tmp_path):
+    """What the out-of-memory advice says to change (tokens per micro-batch, checkpointing) and what
+    is only logged may change on resume; a changed lora.r was a raw size-mismatch traceback."""
+    from tunelab.training.checkpoint import FREE_ON_RESUME, changes
+
+    free = {k: "anything" for k in FREE_ON_RESUME if k not in ("max_steps", "epochs")}
+    assert changes({"data": "d", "total_steps": 5, "train": {"lr": 1.0, **free}}, "d", 5, {"lr": 1.0}) == []
+    run = tmp_path / "run"
+    shutil.copytree(reference["lora"], run)
+    shutil.rmtree(run / "final")
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("  r: 4\n", "  r: 2\n"))
+    assert "  r: 2\n" in (run / "config.yaml").read_text()
+    with pytest.raises(TunelabError, match=r"other shapes .* a changed lora.r"):
         runner.run(runner.config_for_resume(run), quiet=True, resume=run)
 
 

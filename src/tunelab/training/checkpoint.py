@@ -15,6 +15,7 @@ either a whole checkpoint or a `.tmp` folder that resume ignores and the next sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -165,14 +166,53 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def check_fits(path: Path, saved: dict[str, Any], params: dict[str, Any]) -> None:
-    """The checkpoint holds exactly this model's trainable tensors, by name."""
+    """The checkpoint holds exactly this model's trainable tensors, by name and shape."""
+    hint = "resume with the run's own config.yaml (same model, train.method and lora settings)"
     if set(saved) != set(params):
         missing, unexpected = set(params) - set(saved), set(saved) - set(params)
         raise TunelabError(
             f"checkpoint {path} does not fit this model: {len(missing)} trainable tensors missing "
             f"(e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})",
-            "resume with the run's own config.yaml (same model, train.method and lora settings)",
+            hint,
         )
+    shapes = [n for n in sorted(saved) if tuple(saved[n].shape) != tuple(params[n].shape)]
+    if shapes:
+        n = shapes[0]
+        raise TunelabError(
+            f"checkpoint {path} does not fit this model: {len(shapes)} trainable tensors have other shapes "
+            f"(e.g. {n}: {tuple(saved[n].shape)} saved, {tuple(params[n].shape)} now; a changed lora.r?)",
+            hint,
+        )
+
+
+# Training settings a resumed run may change: they decide what is logged, evaluated, saved, how fast
+# it runs and in how much memory (a step's micro-batches add up to the same step whatever their size:
+# the out-of-memory advice is to resume with fewer tokens per micro-batch or with checkpointing), not
+# which updates the weights get. The step count is checked on its own (`changes`).
+FREE_ON_RESUME = {"eval_every", "save_every", "keep_last", "log_every", "compile", "report_to", "distributed",
+                  "micro_batch_tokens", "gradient_checkpointing", "max_steps", "epochs"}  # fmt: skip
+
+
+def trajectory(cfg: Any) -> dict[str, Any]:
+    """The train settings that decide the run's updates (as JSON values), for checkpoint meta."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in FREE_ON_RESUME}
+    return json.loads(json.dumps(values, default=str))
+
+
+def changes(meta: dict[str, Any], data: str, total_steps: int, train: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's run and the run resuming it, each said with both values
+    (checkpoints written before the train settings were kept are checked for data and steps only)."""
+    out = []
+    if meta.get("data") != data:
+        out.append("the training data (its tokenized examples)")
+    if meta.get("total_steps") != total_steps:
+        out.append(
+            f"the step count ({meta.get('total_steps')} planned, {total_steps} now: train.max_steps or epochs)"
+        )
+    for key, before in (meta.get("train") or {}).items():
+        if key in train and train[key] != before:
+            out.append(f"train.{key} ({before!r} then, {train[key]!r} now)")
+    return out
 
 
 def load(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:

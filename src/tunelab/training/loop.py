@@ -315,11 +315,15 @@ def train(
     if resume_from is not None:
         # Weights/adapter, optimizer, scheduler and the RNG states (after seed_everything, so they win).
         meta = distributed.load_checkpoint(resume_from, model, optimizer, scheduler, dist)
-        if (meta.get("data"), meta.get("total_steps")) != (data_id, total_steps):
+        changed = checkpoint.changes(meta, data_id, total_steps, checkpoint.trajectory(cfg))
+        if changed:
             log.close()
             raise TunelabError(
-                f"cannot resume from {resume_from}: the training data or the step count changed since",
-                "resume with the same data and config, or start a new run with --from",
+                f"cannot resume from {resume_from}: the run would not be the run it was; changed since: "
+                + "; ".join(changed),
+                "put the values back in the run's config.yaml (a resumed run must equal an uninterrupted "
+                "one); to train with new ones, let this run finish (resume it as it was), then start a new "
+                "run from it with `tunelab train --from RUN`",
             )
         start_step = meta["step"]
         best_eval = meta.get("best_eval_loss") or math.inf
@@ -549,6 +553,7 @@ def train(
                 "best_step": best_step,
                 "compiled": compiled,  # what compile: auto decided, for a resumed run to go on alike
                 "loss_window": [window_loss, window_targets],  # steps not logged yet
+                "train": checkpoint.trajectory(cfg),  # the settings a resume must not change
             }
             # Several processes: every rank helps gather the state (FSDP), rank 0 alone writes it.
             replicas_agree(f"at step {done}")
