@@ -375,6 +375,28 @@ def test_chat_cli_loop(runs, generators):
     assert answers == [first + "\n", gen.generate([prompt], max_new_tokens=6, raw=True)[0] + "\n"]
 
 
+def test_chat_checks_its_decoding_settings_as_generate_does(generators):
+    """chat took --max-new-tokens 0 to a transformers traceback, answered every message of a
+    max_new_tokens past the context with 'that message alone is longer than the model's context',
+    took a negative temperature and dropped --system on a qa run without a word."""
+    from tunelab.chat import chat_loop
+    from tunelab.errors import TunelabError
+    from tunelab.serve.models import Served
+
+    gen = generators["qa-lora"]
+    never = lambda _: pytest.fail("no message should be read")  # noqa: E731
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0)):
+        with pytest.raises(TunelabError, match="max_new_tokens|temperature"):
+            chat_loop(gen, "qa-lora", **{"max_new_tokens": 8, **bad}, read=never, write=lambda t: None)
+    context = Served("qa-lora", gen).context_length
+    with pytest.raises(TunelabError, match="leaves no room for a message"):
+        chat_loop(gen, "qa-lora", context, read=never, write=lambda t: None)
+    out: list[str] = []
+    inputs = iter(["/exit"])
+    chat_loop(gen, "qa-lora", 8, system="be brief", read=lambda _: next(inputs), write=out.append)
+    assert "--system is not used" in "".join(out)
+
+
 def test_cli_errors():
     from tunelab.cli import main
 

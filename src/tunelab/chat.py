@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from tunelab.generate import Generator
+from tunelab.errors import TunelabError
+from tunelab.generate import Generator, check_decoding
 from tunelab.serve.engine import Row, generate_rows
 from tunelab.serve.models import Served, chat_ids, uses_history
 
@@ -38,7 +39,17 @@ def chat_loop(
     write: Callable[[str], None] | None = None,
 ) -> int:
     write = write or _print
+    check_decoding(max_new_tokens, temperature, top_p)
     served = Served(name, gen)
+    context = served.context_length
+    if context is not None and max_new_tokens >= context:
+        raise TunelabError(
+            f"--max-new-tokens {max_new_tokens:,} leaves no room for a message in this model's context "
+            f"of {context:,} tokens",
+            f"ask for fewer, e.g. --max-new-tokens {max(1, context // 4)}",
+        )
+    if system and not uses_history(gen):
+        write(f"(--system is not used: {name}'s template has no system turn)\n")
     start = [{"role": "system", "content": system}] if system and uses_history(gen) else []
     history = list(start)
     write(banner(gen, name) + "\n")
@@ -59,7 +70,10 @@ def chat_loop(
         history.append({"role": "user", "content": text})
         ids = _fit(served, history, max_new_tokens)
         if ids is None:
-            write("(that message alone is longer than the model's context; try a shorter one)\n")
+            write(
+                f"(that message and an answer of up to {max_new_tokens:,} tokens do not fit the model's "
+                "context; try a shorter message or a smaller --max-new-tokens)\n"
+            )
             history.pop()
             continue
         write("bot> ")
