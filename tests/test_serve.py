@@ -284,6 +284,9 @@ BAD = [
     ("unsupported", "/v1/completions", {"model": "qa-lora", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
     ("empty raw prompt", "/v1/completions", {"model": "base", "prompt": "", "raw": True}, 400, "prompt"),
     ("too large", "/v1/completions", {"model": "qa-lora", "prompt": "x" * 70_000}, 413, None),
+    ("lone surrogate", "/v1/completions", b'{"model": "qa-lora", "prompt": "\\ud800"}', 400, "prompt"),
+    ("seed too big", "/v1/completions", {"model": "qa-lora", "prompt": "hi", "seed": 10**25, "temperature": 1}, 400, "seed"),
+    ("temperature nan", "/v1/completions", b'{"model": "qa-lora", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
 ]  # fmt: skip
 
 
@@ -402,6 +405,23 @@ def test_cli_errors():
 
     assert main(["serve"]) == 2  # nothing to serve
     assert main(["serve", "--name", "noequals"]) == 2
+
+
+def test_serve_refuses_a_bad_or_busy_port_before_loading(capsys):
+    """--port 99999 was an OverflowError traceback; a port in use only uvicorn's bare errno, after
+    every model had loaded."""
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "world", "--port", "99999"])
+    assert "expected a port number 0-65535" in capsys.readouterr().err
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", "world", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "pick another port with --port" in err
 
 
 @settings(max_examples=60, deadline=None)

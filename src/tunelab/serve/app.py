@@ -122,7 +122,10 @@ async def completions(request: Request, req: CompletionRequest) -> Any:
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts:
         raise APIError(400, "prompt is an empty list", "prompt", "empty_prompt")
-    ids = [completion_ids(served.generator, p, raw=req.raw) for p in prompts]
+    try:
+        ids = [completion_ids(served.generator, p, raw=req.raw) for p in prompts]
+    except (ValueError, TypeError, UnicodeError) as e:  # e.g. a lone surrogate the tokenizer cannot encode
+        raise APIError(400, f"the prompt could not be tokenized: {e}", "prompt") from None
     return await _answer(request, req, served, ids, req.max_tokens, chat=False)
 
 

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--name", action="append", default=[], metavar="NAME=PATH", help="serve PATH under NAME (repeatable)"
     )
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument(
         "--api-key",
         default=os.environ.get("TUNELAB_API_KEY"),
@@ -58,6 +58,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--system", help="a system message (chat-template runs only)")
     c.add_argument("--device", default="auto")
     c.set_defaults(func=cmd_chat)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return port
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind and let go, before any model loads: a port in use is said with what to do."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise TunelabError(
+                f"cannot listen on {host}:{port}: {e.strerror}",
+                "pick another port with --port, or stop what is using this one",
+            ) from None
 
 
 def _parse_names(pairs: list[str]) -> dict[str, str]:
@@ -97,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise TunelabError(
             "nothing to serve", "tunelab serve RUN [RUN ...] [--adapter RUN] [--name NAME=PATH]"
         )
+    _check_port_free(args.host, args.port)
     if args.max_batch_size < 1 or args.max_tokens_limit < 1 or args.default_max_tokens < 1:
         raise TunelabError("--max-batch-size, --max-tokens-limit and --default-max-tokens must be at least 1")
     if not _is_loopback(args.host) and not args.api_key:
