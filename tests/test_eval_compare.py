@@ -392,12 +392,15 @@ def test_eval_refuses_counts_below_their_least(flag, capsys):
 
 
 def test_generate_refuses_a_prompt_past_the_models_context(llama_dir):
-    """serve answers 400 context_length_exceeded; generate and eval said nothing and answered anyway."""
+    """serve answers 400 context_length_exceeded; generate and eval said nothing and answered anyway.
+    The prompt is named by its place in the whole list (it was counted within its batch)."""
     gen = Generator.load(str(llama_dir), device="cpu")
     context = gen.context_length
     long_prompt = " ".join(["word"] * context)
     with pytest.raises(TunelabError, match=f"past this model's context of {context:,} tokens"):
         gen.generate(["Hello", long_prompt], max_new_tokens=2)
+    with pytest.raises(TunelabError, match="prompt 5 is"):
+        gen.generate(["Hello"] * 4 + [long_prompt], max_new_tokens=2, batch_size=2)
     assert len(gen.generate(["Hello"], max_new_tokens=2)) == 1
 
 
@@ -444,6 +447,9 @@ def test_compare_checks_every_model_and_few_shot_pool_before_generating(tiny_mod
         compare(
             [a, f"fewshot:3:{tiny_models['qwen2']}"], ROWS, EvalSettings(device="cpu"), train_rows=ROWS[:2]
         )
+    long_row = {"question": " ".join(["word"] * a.context_length), "answer": "x"}
+    with pytest.raises(TunelabError, match="prompt 7 is"):  # the 7th row, found before row 1 generates
+        compare([a], [*ROWS, long_row], EvalSettings(device="cpu", batch_size=2))
     assert calls == []
 
 

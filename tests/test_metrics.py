@@ -169,6 +169,13 @@ def test_every_error_category_is_detected(prediction, finish, expected):
     assert E.analyse(prediction, REF, Q, finish) == expected
 
 
+def test_an_answer_restating_the_question_as_the_reference_does_is_no_copy():
+    """The world data's answers restate the question: correct answers were flagged copies_prompt."""
+    q, ref = "Main language of Belgium?", "The main language of Belgium is Dutch."
+    assert E.analyse(ref, ref, q, "stop") == []
+    assert E.copies_prompt("Main language of Belgium? Dutch.", "Main language of Belgium?", "Dutch")
+
+
 def test_format_regex_and_json_references():
     rules = E.ErrorRules(format_regex=r"[A-Z][a-z]+")
     assert E.analyse("Paris", "Paris", "q", "stop", rules) == []

@@ -148,6 +148,30 @@ class Generator:
         return [d.text for d in details]
 
     @torch.no_grad()
+    def prompt_ids(
+        self, prompts: list[Prompt], max_new_tokens: int, raw: bool = False, first: int = 1
+    ) -> list[list[int]]:
+        """Each prompt's token ids as generation feeds them (rendered unless `raw`, after the BOS the
+        template wants); a prompt that leaves no room for `max_new_tokens` in the model's context is
+        refused, named by its number (the first one is `first`)."""
+        from tunelab.data.tokenize import special_prefix
+
+        tok = self.tokenizer
+        prefix = [] if (self.template is not None and self.template.name == "chat") else special_prefix(tok)
+        ids = [
+            prefix + tok(self.render(p) if not raw else prompt_of(p), add_special_tokens=False)["input_ids"]
+            for p in prompts
+        ]
+        context = self.context_length
+        for k, prompt_ids in enumerate(ids):
+            if context is not None and len(prompt_ids) + max_new_tokens > context:
+                raise TunelabError(
+                    f"prompt {first + k} is {len(prompt_ids):,} tokens and {max_new_tokens} more were "
+                    f"asked for, past this model's context of {context:,} tokens",
+                    "shorten the prompt, or lower --max-new-tokens",
+                )
+        return ids
+
     def generate_detailed(
         self,
         prompts: list[Prompt],
@@ -161,31 +185,15 @@ class Generator:
     ) -> list[Generation]:
         """As `generate`, plus why each generation ended and its token counts. `stop_strings` also end
         a generation (the text is cut before them), e.g. the next question of a few-shot prompt."""
-        from tunelab.data.tokenize import special_prefix
-
         check_decoding(max_new_tokens, temperature, top_p)
-        tok = self.tokenizer
         device = next(self.model.parameters()).device
         if seed is not None:
             torch.manual_seed(seed)
-        prefix = [] if (self.template is not None and self.template.name == "chat") else special_prefix(tok)
         stops = self.stop_ids()
+        tok = self.tokenizer
         outputs: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            ids = [
-                prefix
-                + tok(self.render(p) if not raw else prompt_of(p), add_special_tokens=False)["input_ids"]
-                for p in chunk
-            ]
-            context = self.context_length
-            for k, prompt_ids in enumerate(ids):
-                if context is not None and len(prompt_ids) + max_new_tokens > context:
-                    raise TunelabError(
-                        f"prompt {start + k + 1} is {len(prompt_ids):,} tokens and {max_new_tokens} more were "
-                        f"asked for, past this model's context of {context:,} tokens",
-                        "shorten the prompt, or lower --max-new-tokens",
-                    )
+            ids = self.prompt_ids(prompts[start : start + batch_size], max_new_tokens, raw, first=start + 1)
             pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
             input_ids, mask = left_padded(ids, pad, device)
             width = input_ids.shape[1]

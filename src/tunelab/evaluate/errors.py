@@ -59,10 +59,14 @@ def is_too_long(prediction: str, reference: str, rules: ErrorRules) -> bool:
     return len(_words(prediction)) > rules.too_long_factor * len(_words(reference)) + rules.too_long_slack
 
 
-def copies_prompt(prediction: str, prompt: str) -> bool:
-    """The (normalised) question appears in the prediction; questions under 3 words are too short to tell."""
+def copies_prompt(prediction: str, prompt: str, reference: str = "") -> bool:
+    """The (normalised) question appears in the prediction, and not because the reference answer
+    itself restates it ("Main language of Belgium?" / "The main language of Belgium is Dutch.");
+    questions under 3 words are too short to tell."""
     q = normalize(prompt)
-    return len(q.split()) >= 3 and f" {q} " in f" {normalize(prediction)} "
+    if len(q.split()) < 3 or f" {q} " in f" {normalize(reference)} ":
+        return False
+    return f" {q} " in f" {normalize(prediction)} "
 
 
 def wrong_format(prediction: str, reference: str, regex: str | None = None) -> bool:
@@ -99,7 +103,7 @@ def analyse(
         found.append("repetitive")
     if is_too_long(prediction, reference, rules):
         found.append("too_long")
-    if copies_prompt(prediction, prompt):
+    if copies_prompt(prediction, prompt, reference):
         found.append("copies_prompt")
     if wrong_format(prediction, reference, rules.format_regex):
         found.append("wrong_format")

@@ -287,6 +287,7 @@ def _generate(
     gen: Any, prompts: list[str], settings: EvalSettings, stop: list[str] | None, name: str
 ) -> list[Any]:
     out: list[Any] = []
+    gen.prompt_ids(prompts, settings.max_new_tokens, raw=True)  # every row fits, before any generates
     with _progress(settings.progress, name, len(prompts)) as advance:
         for n, start in enumerate(range(0, len(prompts), settings.batch_size)):
             chunk = prompts[start : start + settings.batch_size]
