@@ -147,6 +147,21 @@ def test_leakage_threshold(planted, tokenizer):
     assert _report(train, held, tokenizer, max_leakage=0.39).findings[0].level == "blocking"
 
 
+def test_leakage_from_a_file_that_repeats_rows_says_so(tmp_path, tokenizer):
+    """A file of repeated rows blocked with '100% of eval rows ask a prompt that train also has', not
+    saying that the repeats were the cause."""
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(20)]
+    plain = _report(
+        write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows[:2]), tokenizer
+    )
+    (leak,) = [f for f in plain.findings if f.code == "leakage"]
+    assert "repeats rows" not in leak.message
+    doubled = write_jsonl(tmp_path / "d.jsonl", rows + rows[:5])
+    report = _report(doubled, write_jsonl(tmp_path / "e2.jsonl", rows[:2]), tokenizer)
+    (leak,) = [f for f in report.findings if f.code == "leakage"]
+    assert "the data repeats rows (5 duplicates)" in leak.message and "drop the duplicates" in leak.message
+
+
 def test_time_per_epoch_only_from_a_measured_speed(planted, tokenizer, tmp_path):
     report = _report(*planted, tokenizer, tokens_per_s=100.0)
     assert report.epoch.seconds == report.epoch.tokens / 100.0

@@ -49,6 +49,22 @@ def test_jsonl_invalid_utf8_rejects_only_that_line(tmp_path):
     assert "invalid UTF-8" in e.value.reason
 
 
+def test_a_utf16_file_is_named_as_such_and_latin1_rows_get_a_re_encode_hint(tmp_path):
+    """A UTF-16 file under skip was 'no usable rows ... name the columns with data.fields'; a
+    Windows-1252 row said only 'invalid UTF-8'."""
+    rows = "\n".join(json.dumps({"question": "Où?", "answer": "Ici"}) for _ in range(3))
+    for encoding in ("utf-16", "utf-32"):
+        path = _write(tmp_path / f"{encoding}.jsonl", rows.encode(encoding))
+        for mode in ("error", "skip"):
+            with pytest.raises(DataError, match=f"is {encoding.upper()} text, not UTF-8") as e:
+                read_rows(path, on_bad_row=mode)
+            assert "iconv" in e.value.hint
+    latin = _write(tmp_path / "latin.csv", "question,answer\nCafé?,Oui\n".encode("cp1252"))
+    with pytest.raises(DataError, match="invalid UTF-8") as e:
+        read_rows(latin)
+    assert "iconv -f cp1252" in e.value.hint
+
+
 def test_jsonl_nul_and_non_objects_and_broken_json(tmp_path):
     data = b'{"q": "a\x00"}\n[1, 2]\n7\n{"q": \n{"q": "ok"}\n'
     result = read_rows(_write(tmp_path / "d.jsonl", data), on_bad_row="skip")

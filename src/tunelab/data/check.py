@@ -338,6 +338,13 @@ def findings(report: Report) -> list[Finding]:
     if report.leaked:
         share = report.leaked / held.rows
         level = "blocking" if share > report.max_leakage else "warning"
+        repeats = sum(s.exact_duplicates + s.near_duplicates for s in report.splits.values())
+        why = (
+            f"; the data repeats rows ({repeats} duplicates), and a repeated row can land on both sides "
+            "of the split: drop the duplicates (the rows named under duplicates) and check again"
+            if repeats
+            else ""
+        )
         out.append(
             Finding(
                 level,
@@ -345,7 +352,7 @@ def findings(report: Report) -> list[Finding]:
                 f"{_pct(report.leaked, held.rows)} eval rows "
                 + ("are documents" if report.schema == "text" else "ask a prompt")
                 + " that train also has "
-                f"(limit {100 * report.max_leakage:g}%)" + _at(report.leaked_at, report.leaked),
+                f"(limit {100 * report.max_leakage:g}%)" + _at(report.leaked_at, report.leaked) + why,
             )
         )
     if report.rejects_by_reason:
@@ -376,6 +383,7 @@ def preflight(
     if mode == "block" and report.blocking:
         raise DataError(
             "the data check found blocking problems: " + "; ".join(f.message for f in report.blocking),
-            hint="run `tunelab data check` for the full report, or set data.check=warn to train anyway",
+            hint="fix the data (`tunelab data check` gives the full report); data.check=warn trains anyway, "
+            "with these problems in the run",
         )
     return report

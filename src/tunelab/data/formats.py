@@ -111,7 +111,13 @@ class _Collector:
         if m is None:
             return False
         byte = len(raw[: m.start()].encode("utf-8", "surrogateescape")) + 1
-        self.bad(line, f"invalid UTF-8 (byte {byte} of the row)", raw, hint="re-save the file as UTF-8")
+        self.bad(
+            line,
+            f"invalid UTF-8 (byte {byte} of the row)",
+            raw,
+            hint="re-save the file as UTF-8 (from Windows-1252/Latin-1, e.g. "
+            "`iconv -f cp1252 -t utf-8 FILE > FILE.utf8`); --data.on_bad_row=skip would drop those rows",
+        )
         return True
 
 
@@ -340,6 +346,13 @@ def read_rows(
     except OSError as e:
         raise DataError(f"cannot read the file ({e.strerror})", source=source) from None
     # -sig: a UTF-8 BOM at the start is not part of the data.
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        encoding = "UTF-32" if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") else "UTF-16"
+        col.fail(
+            None,
+            f"the file is {encoding} text, not UTF-8 (its first bytes say so)",
+            f"re-save it as UTF-8, e.g. `iconv -f {encoding} -t UTF-8 FILE > FILE.utf8`",
+        )
     text = raw.decode("utf-8-sig", "surrogateescape")
     if fmt == "json":
         if "\x00" in text:  # never valid JSON; say what it is instead of a parser message
