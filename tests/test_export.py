@@ -76,6 +76,16 @@ def test_chat_template_renders_tunelabs_prompt_exactly(name, with_bos, tokenizer
     segments = render(Record("t", 1, values), template)
     assert turn == tok.decode(special_prefix(tok)) + "".join(s.text for s in segments) + tok.eos_token
 
+    # A conversation renders from its last question on, as `tunelab serve` and `chat` send it; the
+    # answer header is the generation prompt (rendered every turn and always appended, it was not).
+    history = [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "And 2 + 2?"}]
+    last = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    assert last == tok.decode(special_prefix(tok)) + Generator(None, tok, template).render("And 2 + 2?")
+    bare = tok.apply_chat_template(history, add_generation_prompt=False, tokenize=False)
+    assert last.startswith(bare) and "And 2 + 2?" in bare and QUESTION not in last
+    if name == "qa":
+        assert last[len(bare) :] == "\n\n### Answer:\n"
+
 
 def test_alpaca_export_uses_the_no_input_prompt(tokenizer):
     tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)

@@ -41,7 +41,10 @@ def chat_template(template: Template, tokenizer: Any) -> str | None:
 
     A user turn becomes the run's prompt with the message as the question / instruction / prompt, an
     assistant turn its completion followed by EOS (what training trained on); system turns have no place
-    in these formats and are left out. `chat` runs keep the tokenizer's own template."""
+    in these formats and are left out. The run trained on single questions, so only the conversation
+    from its last user message on is rendered, as `tunelab serve` and `chat` do; the prompt's part
+    after the message (e.g. `### Answer:`) is the generation prompt, written when an answer follows or
+    `add_generation_prompt` asks for it. `chat` runs keep the tokenizer's own template."""
     if template.name in ("chat", "none"):
         return getattr(tokenizer, "chat_template", None)
     role = PROMPT_ROLE.get(template.schema, "prompt")
@@ -54,11 +57,19 @@ def chat_template(template: Template, tokenizer: Any) -> str | None:
             f"the run's prompt format cannot be written as a chat template: {e.message}",
             "its format names fields beyond the user's text; export the model and render prompts yourself",
         ) from None
-    user = "{{ message['content'] }}".join(_literal(p) for p in prompt.text.split(_MARK))
+    parts = prompt.text.split(_MARK)
+    if len(parts) == 2:  # the message once: what follows it is the generation prompt
+        user = _literal(parts[0]) + "{{ message['content'] }}"
+        user += "{% if not loop.last or add_generation_prompt %}" + _literal(parts[1]) + "{% endif %}"
+    else:
+        user = "{{ message['content'] }}".join(_literal(p) for p in parts)
     assistant = "{{ message['content'] }}".join(_literal(p) for p in completion.text.split(_MARK))
     return (
         _literal(tokenizer.decode(special_prefix(tokenizer)))  # e.g. Llama's BOS, as tunelab adds it
-        + "{% for message in messages %}"
+        + "{% set ns = namespace(start=0) %}"
+        + "{% for message in messages %}{% if message['role'] == 'user' %}{% set ns.start = loop.index0 %}"
+        + "{% endif %}{% endfor %}"
+        + "{% for message in messages[ns.start:] %}"
         + "{% if message['role'] == 'user' %}"
         + user
         + "{% elif message['role'] == 'assistant' %}"
