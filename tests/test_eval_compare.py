@@ -521,3 +521,15 @@ def test_eval_can_leave_out_bad_test_rows_when_asked(llama_dir, tmp_path, capsys
     assert summary["n_examples"] == 3
     kept = read_examples(str(test), limit=2, on_bad_row="skip")
     assert [ex.record.line for ex in kept] == [1, 3]  # the file's own lines, the limit over usable rows
+
+
+def test_generate_refuses_arguments_it_would_ignore(capsys, tmp_path):
+    """A prompt beside --file was dropped, and --output without --file did nothing, without a word."""
+    from tunelab.cli import main
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "Hi?"}) + "\n")
+    assert main(["generate", "no/such-model", "Hello", "--file", str(data)]) == 2
+    assert "both a prompt and --file were given" in capsys.readouterr().err
+    assert main(["generate", "no/such-model", "Hello", "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "--output is where --file's predictions go" in capsys.readouterr().err

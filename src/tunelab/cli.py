@@ -119,6 +119,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.generate import Generator, check_decoding, prompt_of, read_prompts
 
     check_decoding(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
+    if args.file and args.prompt is not None:
+        raise TunelabError(
+            "both a prompt and --file were given", 'give one: tunelab generate RUN "question", or --file F'
+        )
+    if args.output and not args.file:
+        raise TunelabError(
+            "--output is where --file's predictions go", "give --file F too, or leave --output out"
+        )
     gen = Generator.load(args.model, device=args.device)
     prompts = read_prompts(args.file) if args.file else [args.prompt]
     if not prompts or prompts == [None]:

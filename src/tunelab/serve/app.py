@@ -96,7 +96,8 @@ def _max_tokens(
         raise APIError(
             400,
             f"this model's context is {context} tokens; the prompt is {longest} tokens and "
-            f"{asked or 1} more were asked for. Shorten the prompt or lower max_tokens.",
+            + (f"{asked} more were asked for" if asked is not None else "leaves no room for an answer")
+            + ". Shorten the prompt or lower max_tokens.",
             prompt_param if asked is None else "max_tokens",
             "context_length_exceeded",
         )
