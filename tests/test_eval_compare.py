@@ -174,6 +174,7 @@ def test_compare_writes_jsonl_summary_and_report(result, tmp_path):
     md, page = write_report(result, tmp_path)
     text = md.read_text()
     assert "| exact_match_norm | 0.333 | 0.833 (+0.500 [+0.167, +0.833]) |" in text
+    assert "**With 6 examples the intervals are rough**" in text  # 6 test rows: said, not left to the reader
     assert "![eval-metrics](plots/eval-metrics.png)" in text
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 2 and "<img" in html and 'src="plots' not in html

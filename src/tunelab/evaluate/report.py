@@ -92,6 +92,21 @@ def plot_errors(result: CompareResult, out: Path) -> Path:
     return _bars(list(CATEGORIES), series, "generations", out)
 
 
+# Under this many test examples a bootstrap interval says little: it is made of the few paired
+# differences there are (all alike: zero width), not of what another sample would give.
+FEW_EXAMPLES = 30
+
+
+def _few_examples(n: int) -> str:
+    if n >= FEW_EXAMPLES:
+        return ""
+    return (
+        f" **With {n} examples the intervals are rough**: a bootstrap over so few resamples only the "
+        "differences seen (where every example moved the same way, the interval has no width at all); "
+        f"test on {FEW_EXAMPLES} or more before trusting a difference."
+    )
+
+
 def _blocks(result: CompareResult, plots: dict[str, Path], bench: dict[str, Any] | None) -> list[Block]:
     labels = result.labels
     blocks: list[Block] = [
@@ -100,7 +115,8 @@ def _blocks(result: CompareResult, plots: dict[str, Path], bench: dict[str, Any]
             "p",
             f"{len(result.examples)} test examples. Deltas are against {labels[0]}, with 95% confidence "
             f"intervals from a paired bootstrap ({result.settings.get('bootstrap', 1000)} resamples of "
-            "the examples); an interval that excludes 0 is a difference the data supports.",
+            "the examples); an interval that excludes 0 is a difference the data supports."
+            + _few_examples(len(result.examples)),
         ),
     ]
     if "loss" in plots:

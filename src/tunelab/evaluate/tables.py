@@ -137,6 +137,10 @@ def print_result(result: CompareResult, console: Any = None, examples: int = 5) 
     n = len(result.examples)
     against = f" (delta vs {result.labels[0]} [95% CI])" if len(result.labels) > 1 else ""  # not vs itself
     console.print(rich_table(metric_table(result), f"metrics on {n} examples{against}"))
+    if len(result.labels) > 1 and n < 30:  # report.FEW_EXAMPLES
+        console.print(
+            f"[yellow]with {n} examples the intervals are rough: test on 30 or more before trusting a difference[/]"
+        )
     if result.groups:
         console.print(rich_table(group_table(result), f"by {result.group_by}"))
     console.print(rich_table(error_table(result), "error analysis"))
