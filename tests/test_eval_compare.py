@@ -534,3 +534,15 @@ def test_generate_refuses_arguments_it_would_ignore(capsys, tmp_path):
     assert "both a prompt and --file were given" in capsys.readouterr().err
     assert main(["generate", "no/such-model", "Hello", "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "--output is where --file's predictions go" in capsys.readouterr().err
+
+
+def test_a_bench_json_of_other_models_stays_out_of_the_report(tmp_path, capsys):
+    """eval/bench.json from an earlier comparison went into every later report in that folder."""
+    from tunelab.evaluate.cli import _bench_of
+
+    path = tmp_path / "bench.json"
+    assert _bench_of(path, ["base", "run"]) is None
+    path.write_text(json.dumps({"run": {"t": {"acc": 0.5}}, "other": {"t": {"acc": 0.9}}}))
+    assert _bench_of(path, ["base", "run"]) == {"run": {"t": {"acc": 0.5}}}
+    assert "results of other left out of the report" in capsys.readouterr().err
+    assert _bench_of(path, ["x"]) is None

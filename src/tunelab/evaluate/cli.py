@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -249,12 +250,28 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
         bootstrap=args.bootstrap,
     )
     result.print(Console(), examples=args.show)
+    if (out / "eval" / "summary.json").exists():
+        print(f"replacing the earlier report in {out} (--out DIR keeps both)", file=sys.stderr)
     preds, summary = result.write(out / "eval")
-    bench_file = out / "eval" / "bench.json"
-    bench = json.loads(bench_file.read_text()) if bench_file.exists() else None
-    md, page = write_report(result, out, bench)
+    md, page = write_report(result, out, _bench_of(out / "eval" / "bench.json", result.labels))
     print(f"wrote {preds}, {summary}, {md} and {page}")
     return 0
+
+
+def _bench_of(path: Path, labels: list[str]) -> dict[str, Any] | None:
+    """`tunelab bench`'s results for the models of this report; those of other models are left out,
+    said on stderr (a bench.json from an earlier comparison would show them as if measured here)."""
+    if not path.exists():
+        return None
+    bench = json.loads(path.read_text())
+    kept = {k: v for k, v in bench.items() if k in labels}
+    if len(kept) < len(bench):
+        other = ", ".join(k for k in bench if k not in labels)
+        print(
+            f"{path}: benchmark results of {other} left out of the report (not among its models)",
+            file=sys.stderr,
+        )
+    return kept or None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
