@@ -546,3 +546,11 @@ def test_a_bench_json_of_other_models_stays_out_of_the_report(tmp_path, capsys):
     assert _bench_of(path, ["base", "run"]) == {"run": {"t": {"acc": 0.5}}}
     assert "results of other left out of the report" in capsys.readouterr().err
     assert _bench_of(path, ["x"]) is None
+
+
+def test_group_names_for_rows_without_the_column_or_with_an_empty_value():
+    from tunelab.evaluate.compare import _group_name
+
+    assert _group_name({"k": "a"}, "k") == "a" and _group_name({"k": 3}, "k") == "3"
+    assert _group_name({}, "k") == "(no k)" and _group_name({"k": None}, "k") == "(no k)"
+    assert _group_name({"k": "  "}, "k") == "(empty)"

@@ -229,10 +229,19 @@ def _disagreements(models: list[ModelResult], top: int) -> list[int]:
     return [i for i in order if spread[i] > 0 or texts_differ[i]][:top]
 
 
+def _group_name(row: dict[str, Any], column: str) -> str:
+    """A row's group: its value, or `(no <column>)` / `(empty)` where it has none (not a blank
+    label, nor 'None', merged with each other)."""
+    if column not in row or row[column] is None:
+        return f"(no {column})"
+    value = str(row[column])
+    return value if value.strip() else "(empty)"
+
+
 def _groups(
     examples: list[Example], models: list[ModelResult], metrics: list[str], column: str
 ) -> dict[str, dict[str, dict[str, float]]]:
-    values = [str(ex.row.get(column, "")) for ex in examples]
+    values = [_group_name(ex.row, column) for ex in examples]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for value in sorted(set(values)):
         idx = [i for i, v in enumerate(values) if v == value]
