@@ -80,7 +80,7 @@ def test_planted_problems_are_found_with_exact_counts(planted, tokenizer):
     assert report.rejects_by_reason == {
         "not valid JSON": 1,
         "invalid UTF-8": 1,
-        "field 'answer': empty completion: nothing to learn": 1,
+        "field 'answer': empty completion: no answer to train on or score against": 1,
     }
     t, e = report.splits["train"], report.splits["eval"]
     assert (t.rows, e.rows) == (7, 5)
@@ -294,7 +294,7 @@ def test_cli_skip_writes_report_and_rejects(planted, tokenizer_dir, tmp_path, ca
     assert [(r["line"], r["reason"]) for r in rejects] == [
         (8, "not valid JSON (Unterminated string starting at: column 14)"),
         (9, "invalid UTF-8 (byte 19 of the row)"),
-        (10, "field 'answer': empty completion: nothing to learn"),
+        (10, "field 'answer': empty completion: no answer to train on or score against"),
     ]
     assert rejects[1]["raw"] == '{"question": "bad \\xff", "answer": "x"}'
     assert "[[The capital of France is Paris.]]" in (out / "report.md").read_text()

@@ -247,7 +247,7 @@ def _row(data: dict) -> Row:
         ({"question": "q", "answer": None}, "answer", "expected text, got null"),
         ({"question": True, "answer": "a"}, "question", "expected text, got bool"),
         ({"question": ["q"], "answer": "a"}, "question", "expected text, got list"),
-        ({"question": "q", "answer": "  \n"}, "answer", "empty completion: nothing to learn"),
+        ({"question": "q", "answer": "  \n"}, "answer", "empty completion: no answer to train on or score against"),
         ({"question": "\ud800", "answer": "a"}, "question", "holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text"),
         ({"answer": "a"}, "question", "missing field"),
     ],
@@ -273,7 +273,7 @@ def test_numbers_are_text():
         (["hi"], "messages[0]", "a message needs 'role' and 'content'"),
         ([{"role": "bot", "content": "x"}], "messages[0]", "unknown role 'bot' (expected one of system, user, assistant, tool)"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}], "messages[1]", "empty assistant turn"),
-        ([{"role": "user", "content": "x"}], "messages", "no assistant message: nothing to learn"),
+        ([{"role": "user", "content": "x"}], "messages", "no assistant message: no answer to train on or score against"),
         ([{"role": "user", "content": {"a": 1}}, {"role": "assistant", "content": "y"}], "messages[0].content", "expected text, got dict"),
     ],
 )  # fmt: skip

@@ -118,7 +118,10 @@ def _check_messages(value: Any, row: Row, column: str) -> list[dict[str, str]]:
         out.append({"role": m["role"], "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(
-            "no assistant message: nothing to learn", source=row.source, line=row.line, field=column
+            "no assistant message: no answer to train on or score against",
+            source=row.source,
+            line=row.line,
+            field=column,
         )
     return out
 
@@ -138,5 +141,10 @@ def to_record(row: Row, schema: str, fields: dict[str, str]) -> Record:
     target = COMPLETION_ROLE.get(schema, "text" if schema == "text" else None)
     if target and not values[target].strip():
         column = fields.get(target, target)
-        raise DataError("empty completion: nothing to learn", source=row.source, line=row.line, field=column)
+        raise DataError(
+            "empty completion: no answer to train on or score against",
+            source=row.source,
+            line=row.line,
+            field=column,
+        )
     return Record(row.source, row.line, values)
