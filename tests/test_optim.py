@@ -235,6 +235,43 @@ def check_one_launch_kernel(device: str) -> None:
         many([(odd[0].float(), *odd[1:])], [1], beta1=0.9, beta2=0.999, lr=1e-3, decay=0.0, eps=1e-8, step=1)
 
 
+def test_both_kernels_compile_for_an_h100_without_one():
+    """Triton compiles ahead for a GPU it does not have: both kernels (the one-launch one casts
+    integers from a table into pointers, which Triton's CPU interpreter takes on trust) build to
+    Hopper machine code (sm_90) on a machine with no GPU, so the GPU run does not find out first."""
+    pytest.importorskip("triton", reason="Triton is the GPU's kernel language (it ships with CUDA torch)")
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import test_optim; test_optim.compile_for_hopper()"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    if "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("this Triton has no ptxas to build GPU code with")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def compile_for_hopper() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tunelab.training import sr_kernel
+
+    floats = dict.fromkeys(["beta1", "beta2", "keep", "step_size", "bc2_sqrt", "eps"], "fp32")
+    one = {
+        **dict.fromkeys(["w_ptr", "g_ptr", "m_ptr", "v_ptr"], "*bf16"),
+        "n": "i32",
+        **floats,
+        "seed": "i32",
+    }
+    many = {"blocks_ptr": "*i32", "rows_ptr": "*i64", **floats}
+    for launcher, signature in ((sr_kernel.update_fn(), one), (sr_kernel.update_many_fn(), many)):
+        src = ASTSource(
+            fn=launcher.kernel, signature={**signature, "BLOCK": "constexpr"}, constexprs={"BLOCK": 1024}
+        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"]
+
+
 def test_bf16_weights_go_to_one_launch_and_the_rest_one_at_a_time(caplog):
     """The dispatch around sr_kernel's one-launch update, with stand-in kernels: every weight whose
     four tensors are contiguous bf16 goes to it, with its per-weight seed; one with fp32 moments goes
