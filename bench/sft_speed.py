@@ -71,6 +71,9 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     if args.head == "plain":
         loss_module._returns_head_output = lambda base, head: False  # keep the model's own head
     compiling.HEAD = args.head != "fused-eager"
+    if args.head_chunk:  # the fused head's chunk: a budget of fp32 logits that gives this many positions
+        loss_module.LOGITS_BUDGET = args.head_chunk * spec["vocab_size"]
+        loss_module.MIN_CHUNK = args.head_chunk
     compiling.SCOPE = args.compile_scope
     if args.lora_forward == "peft":
         lora_module._layers = lambda model: []  # every LoRA layer keeps PEFT's forward
@@ -115,6 +118,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + ("_mask" if args.attention == "mask" else "")
         + ("_plainhead" if args.head == "plain" else "")
         + ("_eagerheadbody" if args.head == "fused-eager" and result.compiled else "")
+        + (f"_chunk{args.head_chunk}" if args.head_chunk else "")
         + (f"_{args.attn}" if args.attn != "sdpa" else "")
         + ("_gc" if args.gradient_checkpointing else "")
         + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else "")
@@ -240,6 +244,14 @@ def main() -> None:
         "compile its chunk body); fused-eager = the same, its chunk body eager; plain = the model's own "
         "head, fp32 logits at every trained position, then cross-entropy",
     )
+    p.add_argument(
+        "--head-chunk",
+        type=int,
+        default=0,
+        help="positions per chunk of the fused head (0 = its rule: 2**25 fp32 logits, at least 256). On a "
+        "GPU each chunk reads the whole head weight three times (logits, input gradient, weight "
+        "gradient): at 256 positions of a 151,936 vocabulary that traffic, not the arithmetic, bounds it",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (LoRA)")
     p.add_argument(
@@ -285,7 +297,7 @@ def main() -> None:
                "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps),
                "--eval-every", str(args.eval_every),
                "--method", method, "--attn", args.attn, "--compile", args.compile,
-               "--attention", args.attention, "--head", args.head]  # fmt: skip
+               "--attention", args.attention, "--head", args.head, "--head-chunk", str(args.head_chunk)]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
         cmd += ["--lora-dropout", str(args.lora_dropout), "--lora-forward", args.lora_forward]
         cmd += ["--bf16-rounding", args.bf16_rounding, "--compile-scope", args.compile_scope]
