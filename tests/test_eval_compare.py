@@ -554,3 +554,27 @@ def test_group_names_for_rows_without_the_column_or_with_an_empty_value():
     assert _group_name({"k": "a"}, "k") == "a" and _group_name({"k": 3}, "k") == "3"
     assert _group_name({}, "k") == "(no k)" and _group_name({"k": None}, "k") == "(no k)"
     assert _group_name({"k": "  "}, "k") == "(empty)"
+
+
+def test_a_bad_test_row_past_the_limit_does_not_stop_eval(tmp_path):
+    """--limit 1 still failed on a bad row at line 3."""
+    from tunelab.evaluate.predict import read_examples
+
+    lines = [json.dumps(r) for r in ROWS[:2]] + [
+        '{"question": "broken',
+        json.dumps({"question": "Q?", "answer": ""}),
+    ]
+    test = tmp_path / "t.jsonl"
+    test.write_text("\n".join(lines) + "\n")
+    assert [ex.record.line for ex in read_examples(str(test), limit=2)] == [1, 2]
+    with pytest.raises(DataError) as e:
+        read_examples(str(test), limit=3)
+    assert (
+        e.value.line == 3 and "not valid JSON" in e.value.reason and "--data.on_bad_row=skip" in e.value.hint
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n".join([lines[0], lines[1], lines[3]]) + "\n")
+    assert len(read_examples(str(empty), limit=2)) == 2
+    with pytest.raises(DataError, match="empty completion") as e:
+        read_examples(str(empty))
+    assert e.value.line == 3

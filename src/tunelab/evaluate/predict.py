@@ -87,13 +87,23 @@ def read_examples(
 ) -> list[Example]:
     """A test file in any format `tunelab train` reads (`world:heldout.jsonl` for the shipped one).
     `on_bad_row="skip"` leaves out rows that cannot be read or are not usable examples (an empty
-    answer, say), each said on stderr with its line; `limit` counts the usable ones."""
+    answer, say), each said on stderr with its line; `limit` counts the usable ones. Under "error"
+    the first bad row stops it, unless it lies past the `limit` rows used."""
     from tunelab.world.build import resolve_world_path
 
-    read = formats.read_rows(resolve_world_path(path), on_bad_row=on_bad_row)
+    file = resolve_world_path(path)
+    read = formats.read_rows(file, on_bad_row="skip")
     skipped: list[DataError] = []
-    examples = examples_from_rows(read.rows, path, fields, skipped if on_bad_row == "skip" else None)
+    examples = examples_from_rows(read.rows, path, fields, skipped)
     examples = examples[:limit]  # their records keep the file's own line numbers, for messages
+    if on_bad_row == "error":
+        last = examples[-1].record.line if limit is not None and len(examples) == limit else math.inf
+        if any(r.line <= last for r in read.rejects):
+            formats.read_rows(file)  # raises the first bad row's own error
+        for e in skipped:
+            if e.line is None or e.line <= last:
+                raise e
+        read.rejects, skipped = [], []  # past the limit: not read
     bad = [f"{r.source}:{r.line}: {r.reason}" for r in read.rejects] + [
         str(e).splitlines()[0] for e in skipped
     ]
