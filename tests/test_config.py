@@ -188,6 +188,17 @@ def test_command_line_settings_with_spaces_reach_the_config(monkeypatch):
     assert list(cfg.train.adam_betas) == [0.9, 0.95] and cfg.data.path == "qa.jsonl"
 
 
+def test_data_path_as_a_key_is_the_same_run_as_the_data_flag(monkeypatch):
+    """`--data.path=F` trained the world demo's recipe (LoRA, lr 2e-3, 6 epochs) on F, where
+    `--data F` trains the defaults; and `--name=N`, a top-level key, was refused."""
+    by_flag = _config_from_command_line(monkeypatch, ["train", "--data", "qa.jsonl"])
+    by_key = _config_from_command_line(monkeypatch, ["train", "--data.path=qa.jsonl", "--name=mine"])
+    assert by_key.train == by_flag.train and by_key.data == by_flag.data and by_key.lora == by_flag.lora
+    assert by_key.name == "mine" and by_flag.train.method == "full"
+    demo = _config_from_command_line(monkeypatch, ["train"])  # no data at all: the shipped demo's recipe
+    assert demo.train.method == "lora" and demo.train != by_flag.train
+
+
 def test_a_config_key_with_its_value_after_a_space_says_how_to_write_it(capsys):
     from tunelab import cli
 

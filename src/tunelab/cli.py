@@ -17,8 +17,16 @@ __all__ = ["main", "packaged_config"]
 DEFAULT_SFT_CONFIG = "world-qa.yaml"  # what `tunelab train` with nothing else runs (the shipped default)
 
 
+# Top-level config keys given as --key=value (the others have flags of their own: --out, --from).
+_TOP_KEYS = ("name",)
+
+
 def _check_overrides(extra: list[str]) -> list[str]:
-    bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0])]
+    bad = [
+        a
+        for a in extra
+        if not (a.startswith("--") and ("." in a.split("=", 1)[0] or a.split("=", 1)[0][2:] in _TOP_KEYS))
+    ]
     if bad:
         raise TunelabError(
             f"unknown arguments: {' '.join(bad)}", "config keys are given as --section.key=value"
@@ -29,7 +37,7 @@ def _check_overrides(extra: list[str]) -> list[str]:
 # `--section.key=value` (a config key: a dot in the name). Taken out of argv before argparse sees
 # it: argparse reads an argument that starts with "--" but holds a space ("--data.fields={q: a}")
 # as a positional, i.e. as the config file.
-_OVERRIDE = re.compile(r"--[A-Za-z_][\w-]*(\.[\w-]+)+(=|$)")
+_OVERRIDE = re.compile(r"--(name=|[A-Za-z_][\w-]*(\.[\w-]+)+(=|$))")
 # Commands that take config keys (eval and compare: the test rows' data.fields only); the others
 # have their own flags only.
 _TAKES_OVERRIDES = {"train", "pretrain", "data", "eval", "compare"}
@@ -82,7 +90,9 @@ def _train_config(args: argparse.Namespace, extra: list[str], task: str):
             path = Path(args.from_run) / "config.yaml"
             if not path.exists():
                 raise TunelabError(f"--from {args.from_run}: not a tunelab run directory (no config.yaml)")
-    if path is None and task == "sft" and not args.data:
+    # No data given (neither --data nor --data.path=): the shipped world demo's recipe.
+    data_given = args.data or any(a.split("=", 1)[0] == "--data.path" for a in extra)
+    if path is None and task == "sft" and not data_given:
         path = packaged_config(DEFAULT_SFT_CONFIG)
     return load_config(path, _check_overrides(extra), values)
 
