@@ -250,3 +250,29 @@ def test_when_every_row_is_set_aside_the_error_says_why(tmp_path):
     only_format.write_text("[1]\nnot json\n")
     with pytest.raises(DataError, match="all 2 were set aside: line 1"):
         load_records(str(only_format), on_bad_row="skip")
+
+
+def test_templates_that_cannot_render_the_rows_say_so_or_render_them_whole(tokenizer):
+    """'none' (raw text) on Q/A rows was a KeyError; 'chat' on Q/A rows too, though a recipe
+    promises it takes them; an Alpaca input under the qa or raw template was dropped."""
+    from tunelab.data.schema import Record
+    from tunelab.data.templates import render, resolve
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'none' feeds raw text .* qa pairs") as e:
+        resolve("none", "qa")
+    assert "auto (here: qa)" in e.value.hint
+    qa = Record("t", 1, {"question": "Capital of Peru?", "answer": "Lima."})
+    chat = render(qa, resolve("chat", "qa"), tokenizer)
+    as_messages = Record("t", 1, {"messages": [{"role": "user", "content": "Capital of Peru?"},
+                                               {"role": "assistant", "content": "Lima."}]})  # fmt: skip
+    assert chat == render(as_messages, resolve("chat", "messages"), tokenizer)
+    assert [s.train for s in chat if s.text.strip()][-1] and "Lima." in "".join(
+        s.text for s in chat if s.train
+    )
+    row = Record("t", 1, {"instruction": "Name the capital.", "input": "Spain", "output": "Madrid"})
+    for name in ("qa", "raw"):
+        prompt = render(row, resolve(name, "alpaca"), tokenizer)[0].text
+        assert "Name the capital.\n\nSpain" in prompt, (name, prompt)
+    alpaca = render(row, resolve("alpaca", "alpaca"), tokenizer)[0].text
+    assert "### Input:\nSpain" in alpaca and "Name the capital.\n\nSpain" not in alpaca

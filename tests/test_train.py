@@ -83,6 +83,12 @@ def test_pretrain_from_scratch_and_continued(tokenizer_dir, llama_dir, tmp_path)
     cont = tunelab.pretrain(data=str(data), model=str(llama_dir), out=str(tmp_path / "pt2"), quiet=True,
                             chunk_length=32, max_steps=3, lr=1e-3)  # fmt: skip
     assert (cont.path / "final" / "model.safetensors").exists()
+    # The documented next step: finetune the pretrained base. It inherited the raw-text template
+    # ('none') and crashed with KeyError: 'text'; the child now picks its template from its rows.
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(12)])
+    args = ["train", "--from", str(run.path), "--data", str(qa), "--out", str(tmp_path / "ft"), "--quiet"]
+    assert main([*args, "--train.max_steps=2", "--data.check=off"]) == 0
+    assert "template: qa" in (tmp_path / "ft" / "config.yaml").read_text()
 
 
 def test_pretrain_data_is_checked_before_the_model_loads(monkeypatch, tokenizer_dir, tmp_path, capsys):

@@ -65,6 +65,11 @@ def resolve(
         )
     if schema == "text" and name not in ("none",):
         raise ConfigError(f"data.template: '{name}' needs prompt/completion pairs but the rows are raw text")
+    if name == "none" and schema != "text":
+        raise ConfigError(
+            f"data.template: 'none' feeds raw text (pretraining), but these rows are {schema} pairs",
+            f"use data.template: auto (here: {AUTO[schema]}), or chat for the tokenizer's chat template",
+        )
     if name in ("chat", "none"):
         return Template(name, schema=schema)
     if name == "custom":
@@ -110,9 +115,18 @@ def _format(fmt: str, fields: dict[str, str]) -> str:
         ) from None
 
 
+def _with_input(values: dict[str, Any], schema: str, fmt: str) -> dict[str, Any]:
+    """An Alpaca row's `input` under a format that has no {input} (qa, raw, a custom one): joined to
+    the instruction, as eval joins them, rather than dropped."""
+    extra = values.get("input", "")
+    if schema != "alpaca" or "{input}" in fmt or not isinstance(extra, str) or not extra.strip():
+        return values
+    return {**values, "instruction": f"{values['instruction']}\n\n{extra}", "input": ""}
+
+
 def prompt_text(template: Template, values: dict[str, Any]) -> str:
-    fields = _fields(values, template.schema)
     fmt = template.prompt_format
+    fields = _fields(_with_input(values, template.schema, fmt), template.schema)
     if template.name == "alpaca" and not fields.get("input", "").strip() and fmt == ALPACA_PROMPT:
         fmt = ALPACA_PROMPT_NO_INPUT
     return _format(fmt, fields)
@@ -123,7 +137,7 @@ def render(record: Record, template: Template, tokenizer: Any = None) -> list[Se
     if template.name == "none":
         return [Segment(record.values["text"], True)]
     if template.name == "chat":
-        return _render_chat(record, tokenizer)
+        return _render_chat(record, tokenizer, template.schema)
     prompt = prompt_text(template, record.values)
     completion = _format(template.completion_format, _fields(record.values, template.schema))
     return [Segment(prompt, False), Segment(completion, True)]
@@ -135,8 +149,21 @@ def _chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt:
     )
 
 
-def _render_chat(record: Record, tokenizer: Any) -> list[Segment]:
-    """Every assistant turn is trained; everything else (system, user, the template's markup) is not."""
+def as_messages(values: dict[str, Any], schema: str) -> list[dict[str, str]]:
+    """A row as OpenAI messages: its own, or a prompt/completion pair as one user and one assistant
+    turn (an Alpaca input joined to the instruction)."""
+    if "messages" in values:
+        return values["messages"]
+    values = _with_input(values, schema, "")
+    return [
+        {"role": "user", "content": values[PROMPT_ROLE[schema]]},
+        {"role": "assistant", "content": values[COMPLETION_ROLE[schema]]},
+    ]
+
+
+def _render_chat(record: Record, tokenizer: Any, schema: str = "messages") -> list[Segment]:
+    """Every assistant turn is trained; everything else (system, user, the template's markup) is not.
+    Prompt/completion rows are one user turn and one assistant turn."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "template 'chat' needs a tokenizer with a chat template, and this one has none",
@@ -145,7 +172,7 @@ def _render_chat(record: Record, tokenizer: Any) -> list[Segment]:
             if "messages" in record.values
             else "use template: qa / alpaca / custom, or a model whose tokenizer ships a chat template",
         )
-    messages = record.values["messages"]
+    messages = as_messages(record.values, schema)
     segments: list[Segment] = []
     done = ""
     for i, m in enumerate(messages):
