@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunelab.config import RunConfig, load_config, parse_override
 from tunelab.errors import ConfigError
@@ -75,12 +76,27 @@ def test_yaml_floats_in_exponent_form(tmp_path):
         ("--lora.r=0", "lora.r and lora.alpha: got 0 and 32"),
         ("--lora.dropout=1", "lora.dropout: got 1.0"),
         ("--train.method=lora|--model.init={model_type: llama}", "model.init builds new random weights"),
+        # pretraining: a chunk bigger than a micro-batch overran the budget (the OOM advice did nothing)
+        (
+            "--task=pretrain|--data.chunk_length=64|--train.micro_batch_tokens=32",
+            "smaller than data.chunk_length (64)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=override.split("|"))
     assert message in str(e.value)
+
+
+def test_an_apple_gpu_asked_for_where_there_is_none_is_said():
+    from tunelab.errors import ModelLoadError
+    from tunelab.models import pick_device
+
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    with pytest.raises(ModelLoadError, match="no Apple GPU"):
+        pick_device("mps")
 
 
 def test_did_you_mean():

@@ -403,6 +403,11 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.task == "pretrain" and d.chunk_length < 2:
         raise ConfigError(f"data.chunk_length: got {d.chunk_length}, expected at least 2")
+    if cfg.task == "pretrain" and t.micro_batch_tokens < d.chunk_length:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) is smaller than data.chunk_length ({d.chunk_length})",
+            "a micro-batch must hold a whole chunk: raise micro_batch_tokens or lower chunk_length",
+        )
 
 
 def packaged_config(name: str) -> Path:

@@ -154,6 +154,11 @@ def pick_device(device: str = "auto") -> torch.device:
         raise ModelLoadError(
             "model.device is 'cuda' but no CUDA GPU is visible", "use --model.device=cpu or auto"
         )
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelLoadError(
+            "model.device is 'mps' but this machine has no Apple GPU (or this torch has no MPS support)",
+            "use --model.device=cpu or auto",
+        )
     return torch.device(device)
 
 
