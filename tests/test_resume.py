@@ -203,6 +203,24 @@ def test_resume_takes_the_memory_and_logging_knobs_and_refuses_another_lora_rank
         runner.run(runner.config_for_resume(run), quiet=True, resume=run)
 
 
+def test_from_a_lora_run_refuses_adapter_settings_it_cannot_apply(reference, data, tmp_path, capsys):
+    """--from a LoRA run with --lora.r=32 trained the parent's r=4 adapter, saying nothing."""
+    args = [
+        "train",
+        "--from",
+        str(reference["lora"]),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "c"),
+        "--quiet",
+    ]
+    assert cli.main([*args, "--train.max_steps=1", "--lora.r=32", "--lora.dropout=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.r=32 (the adapter has 4)" in err and "lora.dropout=0.2 (the adapter has 0.05)" in err
+    assert "tunelab export RUN --merge DIR" in err
+
+
 @pytest.mark.parametrize("parent_method, method", [("full", "full"), ("lora", "lora"), ("lora", "full")])
 def test_from_continues_a_finished_run(parent_method, method, reference, data, tmp_path):
     parent = reference[parent_method]

@@ -91,7 +91,11 @@ def _train_config(args: argparse.Namespace, extra: list[str], task: str):
             if not path.exists():
                 raise TunelabError(f"--from {args.from_run}: not a tunelab run directory (no config.yaml)")
             if load_config(path).task != task:  # e.g. finetuning a pretrained base: not its raw-text template
-                values |= {"data.template": "auto", "data.prompt_format": None, "data.completion_format": None}
+                values |= {
+                    "data.template": "auto",
+                    "data.prompt_format": None,
+                    "data.completion_format": None,
+                }
     # No data given (neither --data nor --data.path=): the shipped world demo's recipe.
     data_given = args.data or any(a.split("=", 1)[0] == "--data.path" for a in extra)
     if path is None and task == "sft" and not data_given:

@@ -148,6 +148,23 @@ def _build_model(cfg: RunConfig, quantization: Any) -> tuple[Any, Any, RunConfig
             target_modules=targets,
             modules_to_save=sorted(pc.modules_to_save or []),
         )
+        asked = dataclasses.asdict(cfg.lora)  # the parent's own unless the command line changed them
+        kept = dataclasses.asdict(lora)
+        asked["modules_to_save"] = sorted(asked["modules_to_save"] or [])
+        if isinstance(asked["target_modules"], list):
+            asked["target_modules"] = sorted(asked["target_modules"])
+        else:  # "all-linear" names no modules to compare: PEFT resolved it to the model's linear layers
+            asked["target_modules"] = kept["target_modules"]
+        changed = [
+            f"lora.{k}={asked[k]!r} (the adapter has {kept[k]!r})" for k in kept if asked[k] != kept[k]
+        ]
+        if changed:
+            raise ConfigError(
+                f"--from {src.run_dir or cfg.model.name_or_path}: its LoRA adapter goes on training with its "
+                f"own shape, so these are not applied: {', '.join(changed)}",
+                "leave them out; for an adapter of another shape, start from the merged model "
+                "(`tunelab export RUN --merge DIR`, then `tunelab train --model DIR --train.method=lora ...`)",
+            )
         cfg = dataclasses.replace(cfg, lora=lora)
     return model, tokenizer, cfg
 
