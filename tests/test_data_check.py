@@ -129,15 +129,19 @@ def test_planted_problems_are_found_with_exact_counts(planted, tokenizer):
     )
 
     assert [(ex.line, ex.truncated) for ex in report.examples] == [(1, False), (2, False), (3, False)]
-    assert report.examples[0].segments == [
+    assert report.examples[0].segments == [  # from the labels: the trained EOS shows
         (QA_PROMPT.format(prompt=FRANCE["question"]), False),
-        (FRANCE["answer"], True),
+        (FRANCE["answer"] + tokenizer.eos_token, True),
+    ]
+    on_prompt = _report(*planted, tokenizer, train_on_prompt=True).examples[0].segments
+    assert on_prompt == [
+        (QA_PROMPT.format(prompt=FRANCE["question"]) + FRANCE["answer"] + tokenizer.eos_token, True)
     ]
     as_json = json.loads(report.to_json())
     assert as_json["blocking"] is True
     assert as_json["splits"]["train"]["near_duplicates"] == 1
     markdown = report.to_markdown()
-    assert "### Answer:\n[[The capital of France is Paris.]]" in markdown
+    assert "### Answer:\n[[The capital of France is Paris.<|endoftext|>]]" in markdown
     assert markdown.startswith("# Data check: **blocking problems found**")
 
 
@@ -297,7 +301,7 @@ def test_cli_skip_writes_report_and_rejects(planted, tokenizer_dir, tmp_path, ca
         (10, "field 'answer': empty completion: no answer to train on or score against"),
     ]
     assert rejects[1]["raw"] == '{"question": "bad \\xff", "answer": "x"}'
-    assert "[[The capital of France is Paris.]]" in (out / "report.md").read_text()
+    assert "[[The capital of France is Paris.<|endoftext|>]]" in (out / "report.md").read_text()
     assert "blocking problems found" in capsys.readouterr().out
 
 

@@ -235,13 +235,13 @@ def reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def _example(r: Record, segs: list[Segment], enc: Encoded, tokenizer: Any) -> Example:
-    """The example as training sees it: the template's segments, or, where max_length cut it, the
-    tokens that are left, in runs trained or not."""
-    if enc.truncated:
-        pairs = zip(enc.input_ids, enc.labels)
-        runs = itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE)
-        segs = [Segment(tokenizer.decode([token for token, _ in run]), trained) for trained, run in runs]
+def _example(r: Record, enc: Encoded, tokenizer: Any) -> Example:
+    """The example as training sees it: its tokens (after any cut at max_length), decoded in runs
+    trained or not, from the labels themselves: the EOS the model learns to stop with shows, and
+    under train_on_prompt so does the trained prompt."""
+    pairs = zip(enc.input_ids, enc.labels)
+    runs = itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE)
+    segs = [Segment(tokenizer.decode([token for token, _ in run]), trained) for trained, run in runs]
     shown = [(g.text if len(g.text) <= SHOW_CHARS else g.text[:SHOW_CHARS] + "…", g.train) for g in segs]
     return Example(r.source, r.line, shown, enc.truncated)
 
@@ -268,7 +268,7 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
         if split == "train":
             train_encoded = encoded
             for r, enc in zip(records[:N_EXAMPLES], encoded):
-                report.examples.append(_example(r, templates.render(r, template, tokenizer), enc, tokenizer))
+                report.examples.append(_example(r, enc, tokenizer))
     report.leaked, report.leaked_at = _leakage(loaded.train, loaded.eval, loaded.schema)
     if settings.chunk_length is not None:  # pretraining trains on chunks of the joined documents
         from tunelab.data.dataset import pack_documents
