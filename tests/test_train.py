@@ -344,3 +344,13 @@ def test_model_tokenizer_takes_shipped_names_and_must_fit_the_embeddings(llama_d
     assert len(tok) <= model.get_input_embeddings().num_embeddings
     with pytest.raises(ModelLoadError, match="more than the model's .* embeddings"):
         load_model(str(llama_dir), tokenizer="world:tokenizer")  # resolved as a shipped name; too big
+
+
+def test_the_log_says_what_auto_picked_for_the_data_and_the_weights(llama_dir, qa_file, tmp_path, capsys):
+    """The docs say the first log lines say what each `auto` choice picked: the schema, template and
+    dtype were not among them."""
+    args = ["train", "--model", str(llama_dir), "--data", str(qa_file), "--out", str(tmp_path / "r")]
+    assert main([*args, "--train.max_steps=1", "--data.check=off"]) == 0
+    err = " ".join(capsys.readouterr().err.split())  # the progress display wraps lines
+    assert "schema qa, template qa, max_length" in err and "train /" in err
+    assert "parameters (100.00%) on cpu in float32;" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,15 @@ def run(
     tok_source = tok_src.adapter or tok_src.model
     tokenizer = load_tokenizer(tok_source, cfg.model.trust_remote_code)
     train_ex, eval_ex, template, rejects = _prepare_data(cfg, tokenizer)
+    if (
+        not quiet and dist.is_main
+    ):  # what `auto` picked for the data (the model's side: the loop's first line)
+        print(
+            f"data: {len(train_ex):,} train / {len(eval_ex):,} eval examples, schema {template.schema}, "
+            f"template {template.name}"
+            + (f", max_length {cfg.data.max_length:,}" if cfg.task == "sft" else ""),
+            file=sys.stderr,
+        )
     method = cfg.train.method
     device = pick_device(cfg.model.device)
     quantization = quantization_config(method, device)  # QLoRA without a GPU stops before a run dir exists

@@ -288,8 +288,12 @@ def train(
     varlen = attention.is_varlen(model)  # one packed row per micro-batch, no mask
     log = MetricsLogger(run_dir, total_steps, quiet, cfg.report_to) if dist.is_main else SilentLogger()
     where = f"{dist.world_size} x {device} ({dist.mode})" if dist.world_size > 1 else str(device)
+    dtypes = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    )
     log.print(
-        f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {where}; "
+        f"training {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%) on {where} "
+        f"in {'/'.join(dtypes)}; "
         f"{len(train_examples):,} examples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
         + ", ".join(
             x
