@@ -341,7 +341,7 @@ def findings(report: Report) -> list[Finding]:
         repeats = sum(s.exact_duplicates + s.near_duplicates for s in report.splits.values())
         why = (
             f"; the data repeats rows ({repeats} duplicates), and a repeated row can land on both sides "
-            "of the split: drop the duplicates (the rows named under duplicates) and check again"
+            "of the split: drop the repeated rows (those named above are on the eval side) and check again"
             if repeats
             else ""
         )
