@@ -163,7 +163,7 @@ def test_leakage_from_a_file_that_repeats_rows_says_so(tmp_path, tokenizer):
     doubled = write_jsonl(tmp_path / "d.jsonl", rows + rows[:5])
     report = _report(doubled, write_jsonl(tmp_path / "e2.jsonl", rows[:2]), tokenizer)
     (leak,) = [f for f in report.findings if f.code == "leakage"]
-    assert "the data repeats rows (5 duplicates)" in leak.message and "drop the duplicates" in leak.message
+    assert "the data repeats rows (5 duplicates)" in leak.message and "drop the repeated rows" in leak.message
 
 
 def test_time_per_epoch_only_from_a_measured_speed(planted, tokenizer, tmp_path):
