@@ -150,7 +150,7 @@ def load_user_metric(path: str) -> Metric:
         raise TunelabError(
             f"metric '{path}' is not of the form module:function", "e.g. --metric mypkg.scoring:f1"
         )
-    added = None
+    added = None  # the name under which a half-loaded module must not stay in sys.modules
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
@@ -159,18 +159,18 @@ def load_user_metric(path: str) -> Metric:
                 raise ImportError(f"no such file {file}")
             module = importlib.util.module_from_spec(spec)
             if file.stem not in sys.modules:
-                added = sys.modules[file.stem] = module
+                sys.modules[added := file.stem] = module
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
     except ImportError as e:
-        _forget(added)
+        sys.modules.pop(added or "", None)
         raise TunelabError(
             f"cannot import '{module_name}' for metric '{path}': {e}",
             "the module must be importable from here (on PYTHONPATH) or be a .py file path",
         ) from None
     except Exception as e:  # noqa: BLE001 - a syntax error or a failing line in the user's module
-        _forget(added)
+        sys.modules.pop(added or "", None)
         where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
         raise TunelabError(
             f"metric module '{module_name}' failed while loading{where}: {type(e).__name__}: {e}",
@@ -185,13 +185,6 @@ def load_user_metric(path: str) -> Metric:
             f"define {func_name}(prediction, reference) -> float",
         )
     return Metric(func_name, fn, user=True)
-
-
-def _forget(module: object) -> None:
-    """Takes a half-loaded module out of sys.modules again."""
-    for name, m in list(sys.modules.items()):
-        if m is module and module is not None:
-            del sys.modules[name]
 
 
 def resolve_metrics(user: list[str] | None = None) -> list[Metric]:
