@@ -86,10 +86,8 @@ def _check_out(out: Path, overwrite: bool, sources: list[str | Path]) -> None:
     before it is read), a non-empty folder without --overwrite."""
     if out.exists() and not out.is_dir():
         raise TunelabError(f"{out} is a file, not a folder", "choose a folder path for the export")
-    target = out.expanduser().resolve()
     for source in sources:
-        src = Path(source).expanduser().resolve()
-        if src.exists() and (target == src or target in src.parents or src in target.parents):
+        if Path(source).exists() and _overlaps(out, Path(source)):
             raise TunelabError(
                 f"the output {out} is or overlaps what is being exported ({source})",
                 "choose an output folder outside the run (e.g. exports/NAME)",
@@ -98,6 +96,12 @@ def _check_out(out: Path, overwrite: bool, sources: list[str | Path]) -> None:
         raise TunelabError(
             f"{out} already exists and is not empty", "pass --overwrite or choose another path"
         )
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """The same folder, or one inside the other."""
+    a, b = a.expanduser().resolve(), b.expanduser().resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def _prepare_out(out: Path) -> None:
@@ -171,15 +175,10 @@ def copy_adapter(source: str, out: Path, overwrite: bool = False) -> Path:
 def handler(args: argparse.Namespace) -> int:
     if not (args.merge or args.adapter):
         raise TunelabError("nothing to export", "give --merge OUT and/or --adapter OUT")
-    if args.merge and args.adapter:
-        merge_to, adapter_to = (
-            Path(args.merge).expanduser().resolve(),
-            Path(args.adapter).expanduser().resolve(),
+    if args.merge and args.adapter and _overlaps(Path(args.merge), Path(args.adapter)):
+        raise TunelabError(
+            "--merge and --adapter name the same or nested folders", "give each its own folder"
         )
-        if merge_to == adapter_to or merge_to in adapter_to.parents or adapter_to in merge_to.parents:
-            raise TunelabError(
-                "--merge and --adapter name the same or nested folders", "give each its own folder"
-            )
     if args.adapter:
         out = copy_adapter(args.run, Path(args.adapter), args.overwrite)
         base = json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path")

@@ -212,9 +212,8 @@ def run(
     tok_source = tok_src.adapter or tok_src.model
     tokenizer = load_tokenizer(tok_source, cfg.model.trust_remote_code)
     train_ex, eval_ex, template, rejects = _prepare_data(cfg, tokenizer)
-    if (
-        not quiet and dist.is_main
-    ):  # what `auto` picked for the data (the model's side: the loop's first line)
+    # What `auto` picked for the data (for the model, the loop's first line says).
+    if not quiet and dist.is_main:
         print(
             f"data: {len(train_ex):,} train / {len(eval_ex):,} eval examples, schema {template.schema}, "
             f"template {template.name}"
