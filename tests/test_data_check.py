@@ -125,7 +125,7 @@ def test_planted_problems_are_found_with_exact_counts(planted, tokenizer):
     assert report.findings[0].message.startswith("2 of 5 (40.0%) eval rows ask a prompt that train also has")
     assert report.findings[2].message == (
         f"train: 2 of 7 (28.6%) examples are longer than max_length {MAX_LENGTH}; "
-        f"truncation removes {t.completion_tokens_lost} completion tokens"
+        f"truncation removes {t.completion_tokens_lost} trained tokens (answer tokens; prompt ones too under train_on_prompt)"
     )
 
     assert [(ex.line, ex.truncated) for ex in report.examples] == [(1, False), (2, False), (3, False)]

@@ -354,3 +354,20 @@ def test_the_log_says_what_auto_picked_for_the_data_and_the_weights(llama_dir, q
     err = " ".join(capsys.readouterr().err.split())  # the progress display wraps lines
     assert "schema qa, template qa, max_length" in err and "train /" in err
     assert "parameters (100.00%) on cpu in float32;" in err
+
+
+def test_an_unfinished_run_says_what_can_be_done_with_it(tmp_path):
+    """Its hint said `--resume`, which then failed for a run that had saved no checkpoint."""
+    from tunelab.models import resolve_source
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: sft\n")
+    with pytest.raises(ModelLoadError, match="has no final/ model") as e:
+        resolve_source(str(run))
+    assert "left no checkpoint to resume from" in e.value.hint and "--resume" not in e.value.hint
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-000004" / "meta.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as e:
+        resolve_source(str(run))
+    assert f"tunelab train --resume {run}" in e.value.hint

@@ -58,10 +58,16 @@ def resolve_source(name_or_path: str) -> ModelSource:
         if not final.is_dir():
             best = p / "best"
             saved = any((best / f).exists() for f in ("config.json", "adapter_config.json"))
+            resumable = any((c / "meta.json").exists() for c in (p / "checkpoints").glob("step-*"))
+            then = (
+                f"resume it with `tunelab train --resume {p}`"
+                if resumable
+                else f"train it again (it left no checkpoint to resume from; train.save_every makes some): "
+                f"tunelab train {p / 'config.yaml'}"
+            )
             raise ModelLoadError(
                 f"run directory {p} has no final/ model (did training finish?)",
-                (f"use {best}, the best model it saved so far, or " if saved else "")
-                + f"resume it with `tunelab train --resume {p}`",
+                (f"use {best}, the best model it saved so far, or " if saved else "") + then,
             )
         src = resolve_source(str(final))
         return ModelSource(src.model, src.adapter, p)

@@ -300,7 +300,7 @@ def _split_findings(split: str, s: SplitStats, max_length: int) -> list[Finding]
         warn(
             "truncated",
             f"{_pct(s.truncated, s.rows)} examples are longer than max_length {max_length}; "
-            f"truncation removes {s.completion_tokens_lost} completion tokens",
+            f"truncation removes {s.completion_tokens_lost} trained tokens (answer tokens; prompt ones too under train_on_prompt)",
         )
     if s.zero_trainable and not (split == "train" and s.trainable_tokens == 0):
         warn(
