@@ -1,5 +1,7 @@
 """Templates, tokenisation and masks, checked token by token."""
 
+import json
+
 import pytest
 
 from conftest import write_jsonl
@@ -276,3 +278,19 @@ def test_templates_that_cannot_render_the_rows_say_so_or_render_them_whole(token
         assert "Name the capital.\n\nSpain" in prompt, (name, prompt)
     alpaca = render(row, resolve("alpaca", "alpaca"), tokenizer)[0].text
     assert "### Input:\nSpain" in alpaca and "Name the capital.\n\nSpain" not in alpaca
+
+
+@pytest.mark.parametrize(("bad_json_line", "empty_line"), [(4, 3), (2, 3)])
+def test_the_first_bad_row_in_the_file_is_the_one_named(tmp_path, bad_json_line, empty_line):
+    """Under on_bad_row: error, an unreadable row was reported before an earlier row with an empty
+    answer (rows were read, all of them, before any was validated)."""
+    rows = {i: json.dumps({"question": f"Q{i}?", "answer": f"A{i}."}) for i in range(1, 6)}
+    rows[bad_json_line] = '{"question": "broken'
+    rows[empty_line] = '{"question": "Empty?", "answer": ""}'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(rows[i] for i in range(1, 6)) + "\n")
+    with pytest.raises(DataError) as e:
+        load_records(str(path), eval_ratio=0.0)
+    assert e.value.line == min(bad_json_line, empty_line)
+    skipped = load_records(str(path), eval_ratio=0.0, on_bad_row="skip")
+    assert sorted(r.line for r in skipped.rejects) == sorted([bad_json_line, empty_line])

@@ -45,7 +45,17 @@ def _records(
 ) -> tuple[str, list[Record], list[Reject]]:
     from tunelab.world.build import resolve_world_path
 
-    read = formats.read_rows(resolve_world_path(path), fmt, on_bad_row)
+    file = resolve_world_path(path)
+    # Read leniently, then validate: under "error" the first bad row in the file stops it, whether it
+    # cannot be read or is not a usable example (reading first found a later unreadable row first).
+    read = formats.read_rows(file, fmt, "skip")
+    first_unreadable = read.rejects[0].line if read.rejects else None
+
+    def unreadable_before(line: float) -> None:
+        if on_bad_row == "error" and first_unreadable is not None and first_unreadable < line:
+            formats.read_rows(file, fmt)  # raises that row's own error
+
+    unreadable_before(float("inf") if not read.rows else read.rows[0].line + 1)
     if not read.rows and read.rejects:
         raise _none_usable(path, read.rejects)
     name = schema.detect_schema(read.rows, fields, source=path) if schema_name == "auto" else schema_name
@@ -55,9 +65,11 @@ def _records(
             records.append(schema.to_record(row, name, fields))
         except DataError as e:
             if on_bad_row == "error":
+                unreadable_before(row.line)
                 raise
             reason = f"field '{e.field}': {e.reason}"
             rejects.append(Reject(row.source, row.line, reason, row.raw or str(row.data)))
+    unreadable_before(float("inf"))
     if not records:
         raise _none_usable(path, rejects)
     return name, records, rejects
