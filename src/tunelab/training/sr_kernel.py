@@ -151,10 +151,13 @@ def update_many_fn() -> Callable[..., None] | None:
         if key not in tables:
             if len(tables) >= 8:
                 tables.clear()
-            counts = torch.tensor([-(-n // BLOCK) for n in sizes], device=device)
-            which = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
-            first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-            start = (torch.arange(which.numel(), device=device) - first) * BLOCK
+            per = [-(-n // BLOCK) for n in sizes]
+            counts, total = torch.tensor(per, device=device), sum(per)  # output_size: no wait for the GPU
+            which = torch.repeat_interleave(
+                torch.arange(len(sizes), device=device), counts, output_size=total
+            )
+            first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=total)
+            start = (torch.arange(total, device=device) - first) * BLOCK
             tables[key] = torch.stack([which, start], 1).to(torch.int32).contiguous()
         return tables[key]
 
