@@ -385,7 +385,9 @@ def test_eval_cuts_long_rows_as_the_run_did_so_its_loss_is_trainings(llama_dir, 
     assert summary["models"]["run"]["loss"] == pytest.approx(trained, rel=1e-5)
 
 
-@pytest.mark.parametrize("flag", ["--bootstrap=0", "--batch-size=0", "--limit=-2", "--show=-1"])
+@pytest.mark.parametrize(
+    "flag", ["--bootstrap=0", "--batch-size=0", "--limit=-2", "--show=-1", "--judge-retries=-1"]
+)
 def test_eval_refuses_counts_below_their_least(flag, capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["eval", "some-run", "--data", "t.jsonl", flag])

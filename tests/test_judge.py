@@ -27,6 +27,8 @@ class FakeJudge:
         self.biased = False
         self.mute = False  # replies with no score or verdict in them
         self.delay_s = 0.0
+        self.models: list[str] | None = None  # GET /models lists these; None: no such route (404)
+        self.models_status = 200
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -59,6 +61,17 @@ def server():
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # keep pytest output clean
             pass
+
+        def do_GET(self):
+            if not self.path.endswith("/models") or fake.models is None or fake.models_status != 200:
+                self.send_response(fake.models_status if fake.models_status != 200 else 404)
+                self.end_headers()
+                return
+            out = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(out.encode())
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -118,6 +131,9 @@ def test_endpoint_forms():
 def test_parse_replies():
     assert J.parse_score("Close enough.\nScore: 4") == 4
     assert J.parse_score("**Score:** 2") == 2
+    assert J.parse_score("**Score**: 5") == 5 and J.parse_score("Score: **3**") == 3
+    # A decimal or a range was read as its first digit: a wrong grade, cached. Now no score.
+    assert J.parse_score("Score: 4.5") is None and J.parse_score("Score: 1-5 scale: 4") is None
     assert J.parse_score("3") == 3
     assert J.parse_score("I would say six") is None
     assert J.parse_verdict("B is better [[B]]") == "B"
@@ -248,3 +264,55 @@ def test_a_judge_that_cannot_be_reached_stops_compare_before_any_model_generates
     with pytest.raises(TunelabError, match="cannot be reached"):
         compare([Counting(g.model, g.tokenizer, None)], rows, EvalSettings(device="cpu"), judge=down)
     assert Counting.calls == 0
+
+
+def test_a_pair_judged_in_one_order_only_has_no_verdict():
+    """A verdict from one order alone brought the position bias back (a judge always answering [[A]]
+    but silent when the finetuned answer came second scored 0.94, not 0.5), uncounted."""
+
+    class Replies:
+        def complete_many(self, conversations, usable):
+            return ["[[A]]", "[[A]]", "no verdict here", "[[A]]"]  # pair 0: first order only
+
+    out = J.prefer(Replies(), ["q0", "q1"], ["r0", "r1"], ["a0", "a1"], ["b0", "b1"])
+    assert out == [None, 0.5]
+
+
+def test_a_misconfigured_judge_stops_before_anything_generates(server, tmp_path):
+    """A refused key, a model the endpoint does not serve, a cache path that is a file: each found
+    only after every model had generated (the first POST)."""
+    server.models = ["judge-1"]
+    with J.JudgeClient(config(server, tmp_path)) as client:
+        client.check_reachable()  # served, key accepted: fine
+    server.models = ["other-model"]
+    with (
+        pytest.raises(TunelabError, match="does not serve 'judge-1'") as e,
+        J.JudgeClient(config(server, tmp_path)) as c,
+    ):
+        c.check_reachable()
+    assert "other-model" in e.value.hint
+    server.models_status = 401
+    with (
+        pytest.raises(TunelabError, match="refused the API key"),
+        J.JudgeClient(config(server, tmp_path)) as c,
+    ):
+        c.check_reachable()
+    server.models_status, server.models = 200, None  # no model list (404): asked anyway
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfg = J.JudgeConfig(url=server.url, model="judge-1", cache_dir=afile)
+    with pytest.raises(TunelabError, match="cannot be a folder"), J.JudgeClient(cfg) as c:
+        c.check_reachable()
+    assert not server.requests  # nothing was asked
+
+
+def test_the_openai_key_goes_to_openai_only(monkeypatch):
+    from tunelab.evaluate.cli import _judge_key
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    assert _judge_key("http://127.0.0.1:8000", None) is None
+    assert _judge_key("https://api.openai.com/v1", None) == "sk-secret"
+    monkeypatch.setenv("MY_KEY", "k2")
+    assert _judge_key("http://127.0.0.1:8000", "MY_KEY") == "k2"
+    with pytest.raises(TunelabError, match="MY_TYPO: no such environment variable"):
+        _judge_key("http://127.0.0.1:8000", "MY_TYPO")

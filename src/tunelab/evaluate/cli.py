@@ -83,10 +83,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-model", help="model name the endpoint serves")
     j.add_argument("--judge-mode", choices=("rubric", "pairwise"), default="rubric")
     j.add_argument(
-        "--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key, if any"
+        "--judge-api-key-env",
+        help="environment variable holding the endpoint's key (default: OPENAI_API_KEY, sent only to "
+        "api.openai.com; other endpoints get a key only when this names its variable)",
     )
     j.add_argument("--judge-concurrency", type=int, default=4)
-    j.add_argument("--judge-retries", type=int, default=4)
+    j.add_argument("--judge-retries", type=_at_least(0), default=4)
     j.add_argument("--judge-cache", help="cache folder (default ~/.cache/tunelab/judge)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -159,6 +161,22 @@ def _settings(args: argparse.Namespace):
     )
 
 
+def _judge_key(url: str, env: str | None) -> str | None:
+    """The judge's API key: from the variable `env` names (which must be set), else OPENAI_API_KEY
+    for OpenAI's own endpoint only: a user's OpenAI key is not sent to any other server."""
+    if env:
+        key = os.environ.get(env)
+        if not key:
+            raise TunelabError(
+                f"--judge-api-key-env {env}: no such environment variable is set", f"export {env}=... first"
+            )
+        return key
+    from urllib.parse import urlparse
+
+    host = urlparse(url if "://" in url else f"https://{url}").hostname or ""
+    return os.environ.get("OPENAI_API_KEY") or None if host == "api.openai.com" else None
+
+
 def _judge(args: argparse.Namespace):
     if not args.judge:
         return None
@@ -170,7 +188,7 @@ def _judge(args: argparse.Namespace):
         url=args.judge,
         model=args.judge_model,
         mode=args.judge_mode,
-        api_key=os.environ.get(args.judge_api_key_env) or None,
+        api_key=_judge_key(args.judge, args.judge_api_key_env),
         concurrency=args.judge_concurrency,
         retries=args.judge_retries,
         cache_dir=Path(args.judge_cache) if args.judge_cache else default_cache_dir(),

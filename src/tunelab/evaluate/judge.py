@@ -26,7 +26,9 @@ RUBRIC = """Score the candidate answer from 1 to 5 against the reference answer:
 5 = correct and complete, in the reference's format; 4 = correct, with a small flaw in form or extra text;
 3 = partly correct; 2 = mostly wrong but on topic; 1 = wrong, empty, off topic or rambling."""
 
-_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5])\b", re.IGNORECASE)
+# "Score: 4", "score=4", "**Score**: 4", "Score: **4**"; not "Score: 4.5" or "Score: 1-5 ..." (a
+# decimal or a range read as its first digit was a wrong grade: such a reply holds no score).
+_SCORE = re.compile(r"score\**\s*[:=]?\s*\**\s*([1-5])(?![\d.,]\d|\s*[-\u2013]\s*\d)\b", re.IGNORECASE)
 _VERDICT = re.compile(r"\[\[\s*(A|B|tie)\s*\]\]", re.IGNORECASE)
 
 
@@ -57,6 +59,17 @@ def endpoint(url: str) -> str:
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
 
 
+def _served_models(response: Any) -> set[str] | None:
+    """The model ids an OpenAI-style `/models` answer lists; None when it is not such an answer."""
+    if response.status_code != 200:
+        return None
+    try:
+        data = response.json().get("data")
+        return {str(m["id"]) for m in data} if isinstance(data, list) else None
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None
+
+
 class JudgeClient:
     def __init__(self, cfg: JudgeConfig) -> None:
         import httpx
@@ -70,17 +83,37 @@ class JudgeClient:
         self._lock = threading.Lock()
 
     def check_reachable(self) -> None:
-        """Fail now, before the models generate, if nothing answers at the endpoint's address (an
-        HTTP answer of any status will do: the judge's own replies are checked as they come)."""
+        """Fail now, before the models generate: nothing answers at the endpoint's address, it refuses
+        the API key (401/403 on its model list), or its model list does not hold --judge-model. An
+        endpoint without a model list (404) is asked anyway: its replies are checked as they come.
+        And the cache folder must be one that can be written."""
         import httpx
 
         models_url = self.url.removesuffix("/chat/completions") + "/models"
         try:
-            self.http.get(models_url, timeout=min(self.cfg.timeout_s, 10.0))
+            r = self.http.get(models_url, timeout=min(self.cfg.timeout_s, 10.0))
         except httpx.HTTPError as e:
             raise TunelabError(
                 f"the judge endpoint {self.url} cannot be reached: {type(e).__name__}: {e}",
                 "start it, or check --judge (nothing was generated yet)",
+            ) from None
+        if r.status_code in (401, 403):
+            raise TunelabError(
+                f"the judge endpoint refused the API key (HTTP {r.status_code} on {models_url})",
+                "set the key in the variable --judge-api-key-env names (nothing was generated yet)",
+            )
+        served = _served_models(r)
+        if served is not None and self.cfg.model not in served:
+            raise TunelabError(
+                f"the judge endpoint does not serve '{self.cfg.model}'",
+                f"it serves: {', '.join(sorted(served)[:10]) or 'nothing'}; fix --judge-model (nothing was generated yet)",
+            )
+        try:
+            self.cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TunelabError(
+                f"the judge cache {self.cfg.cache_dir} cannot be a folder: {e.strerror}",
+                "give --judge-cache a folder that can be written (nothing was generated yet)",
             ) from None
 
     def close(self) -> None:
@@ -215,7 +248,8 @@ def prefer(
     client: JudgeClient, questions: list[str], references: list[str], a: list[str], b: list[str]
 ) -> list[float | None]:
     """Per example, how much the judge prefers B over A: 1 = B, 0.5 = tie, 0 = A, averaged over both
-    orders (so a judge that always picks the first answer scores every pair 0.5)."""
+    orders (so a judge that always picks the first answer scores every pair 0.5). A pair with a
+    verdict in one order only is None (no verdict): one order alone brings the position bias back."""
     n = len(questions)
     convs = [pairwise_messages(questions[i], references[i], a[i], b[i]) for i in range(n)]
     convs += [pairwise_messages(questions[i], references[i], b[i], a[i]) for i in range(n)]
@@ -224,8 +258,8 @@ def prefer(
     swapped = {"A": 1.0, "B": 0.0, "TIE": 0.5}  # in the second order, "A" is model B's answer
     out: list[float | None] = []
     for i in range(n):
-        votes = [as_b[v] for v in [verdicts[i]] if v] + [swapped[v] for v in [verdicts[n + i]] if v]
-        out.append(sum(votes) / len(votes) if votes else None)
+        first, second = verdicts[i], verdicts[n + i]
+        out.append((as_b[first] + swapped[second]) / 2 if first and second else None)
     return out
 
 
