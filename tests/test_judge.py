@@ -229,6 +229,16 @@ def test_judge_inside_compare(server, tmp_path, tiny_models, capsys):
     compare([base, tuned], rows, settings, judge=config(server, tmp_path / "mute"), labels=["base", "tuned"])
     assert "judge: 6 of 6 replies held no score" in capsys.readouterr().err
 
+    # A judge that fails mid-run (500s past the retries): the generations and every other metric
+    # are kept (they were lost with the whole run), the failure is on the result and in the report.
+    server.mute, server.fail_first = False, 100
+    failing = config(server, tmp_path / "down", retries=1)
+    res = compare([base, tuned], rows, settings, judge=failing, labels=["base", "tuned"])
+    assert "failed 2 times" in res.judge_error and "judge" not in res.metrics
+    assert all("judge" not in p.scores for m in res.models for p in m.predictions)
+    assert res.mean("tuned", "exact_match") == 1.0 and not res.pairwise
+    assert json.loads(json.dumps(res.summary()))["judge_error"] == res.judge_error
+
 
 def test_replies_without_a_score_are_not_cached_and_another_endpoint_has_its_own_cache(server, tmp_path):
     answers = [REFS[0], "Lima, I think", REFS[2]]
@@ -316,3 +326,19 @@ def test_the_openai_key_goes_to_openai_only(monkeypatch):
     assert _judge_key("http://127.0.0.1:8000", "MY_KEY") == "k2"
     with pytest.raises(TunelabError, match="MY_TYPO: no such environment variable"):
         _judge_key("http://127.0.0.1:8000", "MY_TYPO")
+
+
+def test_eval_writes_its_report_when_the_judge_fails_and_exits_1(server, tmp_path, tiny_models, capsys):
+    from tunelab.cli import main
+
+    server.fail_first = 100
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": r}) + "\n" for q, r in zip(QUESTIONS, REFS)))
+    out = tmp_path / "out"
+    args = ["eval", str(tiny_models["llama"]), "--data", str(data), "--no-base", "--max-new-tokens", "1",
+            "--judge", server.url, "--judge-model", "judge-1", "--judge-retries", "0",
+            "--judge-cache", str(tmp_path / "cache"), "--quiet", "--out", str(out), "--bootstrap", "10"]  # fmt: skip
+    assert main(args) == 1
+    assert "the judge failed, so the report has no judge figures" in capsys.readouterr().err
+    assert len((out / "eval" / "predictions.jsonl").read_text().splitlines()) == 3  # nothing lost
+    assert "**The judge failed**" in (out / "report.md").read_text()

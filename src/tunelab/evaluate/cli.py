@@ -273,6 +273,13 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
     preds, summary = result.write(out / "eval")
     md, page = write_report(result, out, _bench_of(out / "eval" / "bench.json", result.labels))
     print(f"wrote {preds}, {summary}, {md} and {page}")
+    if result.judge_error:
+        print(
+            f"error: the judge failed, so the report has no judge figures: {result.judge_error}\n"
+            "  hint: fix the judge and run again: the replies it gave are cached and not asked again",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -96,6 +96,7 @@ class CompareResult:
     groups: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # value -> model -> metric
     pairwise: list[Delta] = field(default_factory=list)  # judge preference of each model over the first
     judge: dict[str, Any] | None = None
+    judge_error: str | None = None  # the judge failed mid-run: every other figure stands, without its
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,6 +132,7 @@ class CompareResult:
             "groups": self.groups,
             "disagreements": self.disagreements,
             "judge": self.judge,
+            "judge_error": self.judge_error,
             "settings": self.settings,
         }
 
@@ -370,7 +372,15 @@ def compare(
         )
         result.corpus_bleu[m.label] = corpus_bleu(texts, refs)
     if judge is not None:
-        _run_judge(result, judge, bootstrap, settings.seed)
+        try:
+            _run_judge(result, judge, bootstrap, settings.seed)
+        except TunelabError as e:  # the generations and the other metrics are kept, the failure said
+            result.judge_error = f"{e.message}" + (f" ({e.hint})" if e.hint else "")
+            result.metrics = [m for m in result.metrics if m != "judge"]
+            result.pairwise = []
+            for m in results:
+                for p in m.predictions:
+                    p.scores.pop("judge", None)
     result.deltas = _deltas(results, result.metrics, bootstrap, settings.seed)
     result.disagreements = _disagreements(results, top)
     if group_by:

@@ -122,6 +122,8 @@ def _blocks(result: CompareResult, plots: dict[str, Path], bench: dict[str, Any]
     if "loss" in plots:
         blocks += [("h2", "Training curves"), ("img", plots["loss"])]
     blocks += [("h2", "Metrics"), ("table", metric_table(result))]
+    if result.judge_error:
+        blocks.append(("p", f"**The judge failed**, so there are no judge figures: {result.judge_error}"))
     if "metrics" in plots:
         blocks.append(("img", plots["metrics"]))
     if result.groups:
