@@ -55,7 +55,7 @@ def _records(
         if on_bad_row == "error" and first_unreadable is not None and first_unreadable < line:
             formats.read_rows(file, fmt)  # raises that row's own error
 
-    unreadable_before(float("inf") if not read.rows else read.rows[0].line + 1)
+    unreadable_before(read.rows[0].line if read.rows else float("inf"))  # before any readable row
     if not read.rows and read.rejects:
         raise _none_usable(path, read.rejects)
     name = schema.detect_schema(read.rows, fields, source=path) if schema_name == "auto" else schema_name

@@ -75,6 +75,14 @@ def _define_step() -> None:
     _step = step
 
 
+def _step_scalars(
+    lr: float, decay: float, beta1: float, beta2: float, step: int
+) -> tuple[float, float, float]:
+    """The step's scalars both kernels take, computed in one place (the kernels agree bit for bit):
+    keep = 1 - lr * weight_decay, the bias-corrected step size, sqrt of the second bias correction."""
+    return 1.0 - lr * decay, lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5
+
+
 def update_fn() -> Callable[..., None] | None:
     """The kernel's launcher: update(weight, grad, exp_avg, exp_avg_sq, beta1=, beta2=, lr=, decay=,
     eps=, step=, seed=) on flat, contiguous tensors; None without Triton. Built on each call (under
@@ -87,21 +95,8 @@ def update_fn() -> Callable[..., None] | None:
     def _adamw_sr(w_ptr, g_ptr, m_ptr, v_ptr, n, beta1, beta2, keep, step_size, bc2_sqrt, eps, seed,
                   BLOCK: tl.constexpr):  # fmt: skip
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        _step(
-            w_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            offsets,
-            offsets < n,
-            beta1,
-            beta2,
-            keep,
-            step_size,
-            bc2_sqrt,
-            eps,
-            seed,
-        )
+        _step(w_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < n, beta1, beta2, keep, step_size, bc2_sqrt, eps,
+              seed)  # fmt: skip
 
     def update(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                *, beta1: float, beta2: float, lr: float, decay: float, eps: float, step: int,
@@ -109,8 +104,8 @@ def update_fn() -> Callable[..., None] | None:
         n = weight.numel()
         grid: Any = (triton.cdiv(n, BLOCK),)
         _adamw_sr[grid](
-            weight, grad, exp_avg, exp_avg_sq, n, beta1, beta2, 1.0 - lr * decay,
-            lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, eps, seed, BLOCK=BLOCK,
+            weight, grad, exp_avg, exp_avg_sq, n, beta1, beta2, *_step_scalars(lr, decay, beta1, beta2, step),
+            eps, seed, BLOCK=BLOCK,
         )  # fmt: skip
 
     update.kernel = _adamw_sr  # type: ignore[attr-defined]  # for tests: compiled ahead for a GPU
@@ -174,8 +169,7 @@ def update_many_fn() -> Callable[..., None] | None:
         if device.type == "cuda":  # one small copy, queued: the host does not wait for the GPU
             rows = rows.pin_memory().to(device, non_blocking=True)
         _adamw_sr_many[(blocks.shape[0],)](
-            blocks, rows, beta1, beta2, 1.0 - lr * decay, lr / (1.0 - beta1**step),
-            (1.0 - beta2**step) ** 0.5, eps, BLOCK=BLOCK,
+            blocks, rows, beta1, beta2, *_step_scalars(lr, decay, beta1, beta2, step), eps, BLOCK=BLOCK,
         )  # fmt: skip
 
     update_many.kernel = _adamw_sr_many  # type: ignore[attr-defined]
