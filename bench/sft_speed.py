@@ -77,6 +77,8 @@ def run_tunelab(args: argparse.Namespace) -> dict:
     compiling.SCOPE = args.compile_scope
     if args.lora_forward == "peft":
         lora_module._layers = lambda model: []  # every LoRA layer keeps PEFT's forward
+    if args.lora_forward == "single":
+        lora_module._siblings_of = lambda model, layers: []  # no A matmul shared between siblings
     cfg = AutoConfig.for_model(arch, **spec, max_position_embeddings=4096)
     torch.manual_seed(0)
     with device:  # the random weights made where they are used: no init on the host, no copy
@@ -123,6 +125,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + ("_gc" if args.gradient_checkpointing else "")
         + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else "")
         + ("_peftforward" if args.method != "full" and args.lora_forward == "peft" else "")
+        + ("_nosiblings" if args.method != "full" and args.lora_forward == "single" else "")
         + ("_nearest" if args.bf16_rounding == "nearest" else "")
         + (f"_eval{args.eval_every}" if args.eval_every else ""),
         "model": args.model,
@@ -263,9 +266,10 @@ def main() -> None:
     )
     p.add_argument(
         "--lora-forward",
-        choices=["fused", "peft"],
+        choices=["fused", "single", "peft"],
         default="fused",
-        help="fused = the adapter added inside one addmm (default); peft = PEFT's own LoRA forward",
+        help="fused = the adapter added inside one addmm, sibling adapters (q/k/v, gate/up) sharing one A "
+        "matmul (default); single = the same without the shared A matmul; peft = PEFT's own LoRA forward",
     )
     p.add_argument(
         "--compile-scope",

@@ -222,8 +222,9 @@ def fast_paths(model: Any) -> Iterator[bool]:
     """While tunelab trains or evaluates: the output head computes the loss itself (training/loss.py),
     an SDPA model runs per-example packed attention (training/attention.py) and LoRA layers add their
     adapter inside one matmul (training/lora.py); all are undone afterwards, also when the block fails.
-    Yields whether the model takes packed rows with boundaries."""
-    with fused_head(model), attention.packed(model) as varlen, lora.fused_lora(model):
+    Yields whether the model takes packed rows with boundaries. (LoRA first: it finds sibling
+    adapters in a forward of the model as it is.)"""
+    with lora.fused_lora(model), fused_head(model), attention.packed(model) as varlen:
         yield varlen
 
 

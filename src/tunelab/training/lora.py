@@ -22,6 +22,20 @@ The same for QLoRA's layers over a 4-bit base, whose PEFT forward also copies th
 adding to it (the add here is out of place). Layers that need PEFT's own forward keep it: DoRA and
 other LoRA variants, adapters with a bias, several active adapters, merged or disabled adapters,
 per-call adapter selection, 8-bit base layers.
+
+Sibling adapters share one matmul. q/k/v (and gate/up) take the same input, so their `A`s are
+concatenated and applied once, each layer taking its slice of the product:
+
+    a_q, a_k, a_v = (x @ cat([A_q, A_k, A_v]).T).split([r, r, r], -1)
+
+one matmul instead of three forward, two instead of six backward (the `A` gradients and x's), and two
+fewer [tokens, hidden] gradient sums for x. Which layers are siblings is seen, not guessed: a 2-token
+forward at the start of the block (eval mode, no gradients, no random draws) records the layers
+called one after another with the very same input tensor. At each call a layer takes its slice only
+if it is called with that same tensor (identity) and the same adapter is active; anything else (an
+input changed in place, another adapter, a model that calls its layers differently than in the
+probe) computes its own product. Only adapters without dropout are grouped: PEFT draws a mask per
+layer, which one shared input cannot honour.
 """
 
 from __future__ import annotations
@@ -77,6 +91,106 @@ def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     return out.view(result.shape)
 
 
+class _Siblings:
+    """LoRA layers fed the same input: their `A`s' product, computed once per input by whichever of
+    them is called first, and the slices not yet taken."""
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+        self.x: torch.Tensor | None = None  # the input the slices were computed from
+        self.version = 0  # and its version counter then (an in-place change invalidates them)
+        self.names: list[str | None] = []  # the adapter each slice was computed for
+        self.parts: list[torch.Tensor | None] = []
+
+    def take(self, layer: Any, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """`layer`'s `dropout(x) @ A.T` as a slice of the siblings' product, or None where its own
+        matmul must do (a sibling's adapter unfit for the shared product)."""
+        i = self.members.index(layer)
+        # Compiled, the version counter is not traced (torch.compile reads it as data); HF's layers
+        # do not change their input in place between the projections.
+        version = 0 if torch.compiler.is_compiling() else x._version
+        if not (
+            self.x is x and self.version == version and self.parts[i] is not None and self.names[i] == name
+        ):
+            names = [_adapter(m) for m in self.members]
+            if any(
+                n is None or type(m.lora_dropout[n]) is not torch.nn.Identity
+                for m, n in zip(self.members, names)
+            ):
+                return None
+            weights = [m.lora_A[n].weight for m, n in zip(self.members, names)]
+            product = F.linear(x, torch.cat(weights).to(x.dtype))
+            self.parts = list(product.split([w.shape[0] for w in weights], dim=-1))
+            self.x, self.version, self.names = x, version, names
+        part, self.parts[i] = self.parts[i], None
+        if all(p is None for p in self.parts):  # every sibling served: hold no tensor past the layer
+            self.x, self.parts = None, []
+        return part
+
+
+def _siblings_of(model: Any, layers: list[Any]) -> list[list[Any]]:
+    """Groups of `layers` called one after another with the same input tensor, seen in a 2-token
+    forward of `model` (eval mode, no gradients: no random draws, nothing trained). Grouped only:
+    adapters without dropout, the same input width and `A` dtype, layers called once each."""
+    calls: list[tuple[Any, Any]] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: calls.append((m, args[0] if args else None)))
+        for layer in layers
+    ]
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+    except Exception:  # noqa: BLE001 - a model this probe cannot run: every layer on its own
+        return []
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, flag in training.items():
+            m.training = flag
+    seen = [m for m, _ in calls]
+    runs: list[list[Any]] = []
+    for i, (layer, x) in enumerate(calls):
+        if i and x is not None and x is calls[i - 1][1]:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+
+    def fits(group: list[Any]) -> bool:
+        names = [_adapter(m) for m in group]
+        if any(n is None or seen.count(m) != 1 for m, n in zip(group, names)):
+            return False
+        if any(type(m.lora_dropout[n]) is not torch.nn.Identity for m, n in zip(group, names)):
+            return False
+        weights = [m.lora_A[n].weight for m, n in zip(group, names)]
+        return len({(w.shape[1], w.dtype, w.device) for w in weights}) == 1
+
+    return [run for run in runs if len(run) > 1 and fits(run)]
+
+
+def _sibling_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = None if kwargs else _adapter(self)
+    weight = self.base_layer.weight
+    if name is None or (weight.is_floating_point() and weight.dtype != x.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    a = self.__dict__[_GROUP].take(self, x, name)
+    if a is None:
+        return _forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args)
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        a.reshape(-1, a.shape[-1]),
+        self.lora_B[name].weight.to(x.dtype).t(),
+        alpha=self.scaling[name],
+    )
+    return out.view(result.shape)
+
+
+_GROUP = "_tunelab_siblings"
+
+
 def _layers(model: Any) -> list[Any]:
     types_ = _peft_types()
     if types_ is None:
@@ -89,14 +203,21 @@ def fused_lora(model: Any) -> Iterator[int]:
     """LoRA linear layers (plain, or over a 4-bit base) compute their adapter inside one `addmm` for
     the block; yields how many do. PEFT's forward is back afterwards, also when the block fails."""
     layers = _layers(model)
+    groups = _siblings_of(model, layers) if layers else []
     for layer in layers:
         layer.forward = types.MethodType(_forward, layer)
+    for group in groups:
+        siblings = _Siblings(group)
+        for layer in group:
+            layer.__dict__[_GROUP] = siblings
+            layer.forward = types.MethodType(_sibling_forward, layer)
     try:
         yield len(layers)
     finally:
         for layer in layers:
             if "forward" in vars(layer):
                 del layer.forward
+            layer.__dict__.pop(_GROUP, None)
 
 
 def describe(model: Any) -> str | None:
@@ -106,4 +227,7 @@ def describe(model: Any) -> str | None:
     if not lora:
         return None
     fused = sum("forward" in vars(m) for m in lora)
-    return f"LoRA in one addmm in {fused} of {len(lora)} adapted layers"
+    groups = {id(g) for m in lora if (g := vars(m).get(_GROUP)) is not None}
+    shared = sum(_GROUP in vars(m) for m in lora)
+    siblings = f"; {shared} share an A matmul with siblings ({len(groups)} groups)" if groups else ""
+    return f"LoRA in one addmm in {fused} of {len(lora)} adapted layers{siblings}"
