@@ -151,9 +151,12 @@ def test_every_key_is_documented():
 
 
 def test_union_and_yaml_booleans_keep_their_words():
-    cfg = load_config(overrides=["--lora.target_modules=all-linear", "--data.check=off"])
+    cfg = load_config(
+        overrides=["--lora.target_modules=all-linear", "--data.check=off", "--train.method=lora"]
+    )
     assert cfg.lora.target_modules == "all-linear" and cfg.data.check == "off"
-    assert load_config(overrides=["--lora.target_modules=[q_proj, v_proj]"]).lora.target_modules == [
+    lora = ["--train.method=lora"]
+    assert load_config(overrides=["--lora.target_modules=[q_proj, v_proj]", *lora]).lora.target_modules == [
         "q_proj",
         "v_proj",
     ]
@@ -251,3 +254,21 @@ def test_train_takes_a_shipped_recipe_by_its_name_from_anywhere(monkeypatch, tmp
     monkeypatch.chdir(tmp_path)
     for name in ("world-qa.yaml", "configs/world-qa.yaml"):
         assert _config_from_command_line(monkeypatch, ["train", name]).name == "world-qa"
+
+
+def test_lora_keys_given_for_a_full_finetune_are_said(tmp_path, capsys):
+    """A lora key set on the command line (or from Python) with method full changes nothing: said
+    (not refused: one set of arguments may be swept over methods). The same key from a recipe
+    switched to full stays quiet (the file was written for an adapter), and with an adapter method
+    it counts."""
+    load_config(overrides=["--lora.r=8", "--lora.alpha=16", "--train.method=full"])
+    err = capsys.readouterr().err
+    assert "note: lora.r, lora.alpha ignored: train.method is full" in err and "--train.method=lora" in err
+    load_config(values={"lora.dropout": 0.1})  # method full is the default
+    assert "lora.dropout ignored" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  method: lora\nlora:\n  r: 4\n")
+    assert load_config(recipe, ["--train.method=full"]).lora.r == 4
+    assert load_config(recipe, ["--lora.r=8"]).lora.r == 8
+    load_config(overrides=["--lora.r=8", "--train.method=dora"])
+    assert capsys.readouterr().err == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -299,13 +300,25 @@ def load_config(
         tree = _fix_yaml_floats(loaded or {})
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, train, ...)")
+    given: list[str] = []  # the keys set here, not by the file
     for dotted, value in (values or {}).items():
         _set_path(tree, dotted.split("."), value)
+        given.append(dotted)
     for arg in overrides or []:
         keys, value = parse_override(arg)
         _set_path(tree, keys, value)
+        given.append(".".join(keys))
     cfg = _build(RunConfig, tree, "")
     validate(cfg)
+    unused = [k for k in given if k.split(".")[0] == "lora"]
+    if unused and cfg.train.method == "full":
+        # Said, not refused: one set of arguments swept over methods is fine. A file's lora section
+        # may outlive a switch to method full without a word; a key given here was meant to count.
+        print(
+            f"note: {', '.join(dict.fromkeys(unused))} ignored: train.method is full (every weight "
+            "trains, no adapter); --train.method=lora (or dora, qlora) trains an adapter",
+            file=sys.stderr,
+        )
     return cfg
 
 
