@@ -294,3 +294,12 @@ def test_the_first_bad_row_in_the_file_is_the_one_named(tmp_path, bad_json_line,
     assert e.value.line == min(bad_json_line, empty_line)
     skipped = load_records(str(path), eval_ratio=0.0, on_bad_row="skip")
     assert sorted(r.line for r in skipped.rejects) == sorted([bad_json_line, empty_line])
+    # eval reads a test file the same way (it named the unreadable row first too); past its --limit
+    # no row stops it.
+    from tunelab.evaluate.predict import read_examples
+
+    with pytest.raises(DataError) as e:
+        read_examples(str(path))
+    assert e.value.line == min(bad_json_line, empty_line)
+    assert [x.record.line for x in read_examples(str(path), limit=1)] == [1]
+    assert len(read_examples(str(path), on_bad_row="skip")) == 3

@@ -49,27 +49,23 @@ def _records(
     # Read leniently, then validate: under "error" the first bad row in the file stops it, whether it
     # cannot be read or is not a usable example (reading first found a later unreadable row first).
     read = formats.read_rows(file, fmt, "skip")
-    first_unreadable = read.rejects[0].line if read.rejects else None
-
-    def unreadable_before(line: float) -> None:
-        if on_bad_row == "error" and first_unreadable is not None and first_unreadable < line:
-            formats.read_rows(file, fmt)  # raises that row's own error
-
-    unreadable_before(read.rows[0].line if read.rows else float("inf"))  # before any readable row
+    if on_bad_row == "error":  # an unreadable row before any readable one: before the schema is guessed
+        formats.raise_first_bad_row(
+            file, fmt, read.rejects, [], read.rows[0].line if read.rows else float("inf")
+        )
     if not read.rows and read.rejects:
         raise _none_usable(path, read.rejects)
     name = schema.detect_schema(read.rows, fields, source=path) if schema_name == "auto" else schema_name
-    records, rejects = [], list(read.rejects)
+    records, rejects, unusable = [], list(read.rejects), []
     for row in read.rows:
         try:
             records.append(schema.to_record(row, name, fields))
         except DataError as e:
-            if on_bad_row == "error":
-                unreadable_before(row.line)
-                raise
+            unusable.append(e)
             reason = f"field '{e.field}': {e.reason}"
             rejects.append(Reject(row.source, row.line, reason, row.raw or str(row.data)))
-    unreadable_before(float("inf"))
+    if on_bad_row == "error":
+        formats.raise_first_bad_row(file, fmt, read.rejects, unusable)
     if not records:
         raise _none_usable(path, rejects)
     return name, records, rejects

@@ -321,6 +321,24 @@ def _read_datasets(p: Path, col: _Collector) -> None:
     _read_table(iter(ds), col)
 
 
+def raise_first_bad_row(
+    path: str | Path,
+    fmt: str,
+    unreadable: list[Reject],
+    unusable: list[DataError],
+    upto: float = float("inf"),
+) -> None:
+    """For on_bad_row "error" after a lenient read: the first bad row in the file, at or before line
+    `upto`, stops it. An unreadable row raises its reader's own error (the file read again strictly),
+    a row that is no usable example its DataError (one without a line counts as first)."""
+    lines = [(0 if e.line is None else e.line, e) for e in unusable]
+    first = min((x for x in lines if x[0] <= upto), key=lambda x: x[0], default=None)
+    if any(r.line <= (upto if first is None else min(upto, first[0])) for r in unreadable):
+        read_rows(path, fmt)  # raises that row's own error
+    if first is not None:
+        raise first[1]
+
+
 def read_rows(
     path: str | Path,
     fmt: str = "auto",

@@ -98,11 +98,7 @@ def read_examples(
     examples = examples[:limit]  # their records keep the file's own line numbers, for messages
     if on_bad_row == "error":
         last = examples[-1].record.line if limit is not None and len(examples) == limit else math.inf
-        if any(r.line <= last for r in read.rejects):
-            formats.read_rows(file)  # raises the first bad row's own error
-        for e in skipped:
-            if e.line is None or e.line <= last:
-                raise e
+        formats.raise_first_bad_row(file, "auto", read.rejects, skipped, upto=last)
         read.rejects, skipped = [], []  # past the limit: not read
     bad = [f"{r.source}:{r.line}: {r.reason}" for r in read.rejects] + [
         str(e).splitlines()[0] for e in skipped
