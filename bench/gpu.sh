@@ -93,7 +93,8 @@ run_item() {
     # stalled (the host between steps: what graphs of the layers could not).
     qwen_full) item "$1" 200 - "${speed[@]}" "${q[@]}" --method full --profile ;;
     qwen_peer) item "$1" 200 "$out/peer_$pq.log" python3 .peers/peers_gpu.py "$peer" "$pq" ;;
-    # --profile: LoRA ran slower than the full finetune on the H100; busy, launch gaps or stalls?
+    # --profile: LoRA ran slower than the full finetune on the H100; busy, launch gaps or stalls, and
+    # which kernels (kernel_time_by_kind, top_kernels: beside qwen_full's, where the time goes)?
     qwen_lora) item "$1" 150 - "${speed[@]}" "${q[@]}" --method lora --profile ;;
     # The whole loop on CUDA with its defaults (test_cuda_train), QLoRA and its fast LoRA forward on
     # CUDA, the varlen kernel, the bf16 optimizer's Triton kernel.

@@ -163,10 +163,49 @@ def gpu_timeline(model, examples, cfg, steps: int = 8) -> dict:
     cfg = dataclasses.replace(cfg, max_steps=steps, seed=cfg.seed + 1)
     with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CUDA]) as prof:
         train(model, None, examples, [], cfg, Path(tmp), quiet=True, save=False)
-    spans = [
-        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
-    ]
-    return timeline_shares(spans)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    named = [(e.name, e.time_range.end - e.time_range.start) for e in kernels]
+    return {**timeline_shares(spans), **kernel_shares(named, steps)}
+
+
+# Kernel kinds by name, first match wins (cuBLAS/CUTLASS GEMMs, flash attention, Inductor's fused
+# Triton kernels, tunelab's AdamW kernel, torch's own elementwise/reduction/copy kernels).
+KINDS = [
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer", ("adam", "_sr_", "update_many")),
+    (
+        "matmul",
+        ("gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper", "splitk", "matmul"),
+    ),
+    ("triton (compiled)", ("triton",)),
+    ("reduction", ("reduce", "norm")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def kernel_shares(named: list[tuple[str, float]], steps: int, top: int = 8) -> dict:
+    """(kernel name, microseconds) -> the share of kernel time by kind (KINDS, else "other") and the
+    `top` kernels by time, each with its share and calls per step: where a configuration's GPU time
+    goes (LoRA's small matmuls and elementwise passes against the full finetune's, say)."""
+    total = sum(t for _, t in named)
+    if not total:
+        return {}
+    kinds: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for name, t in named:
+        low = name.lower()
+        kind = next((k for k, words in KINDS if any(w in low for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + t
+        by_name.setdefault(name, []).append(t)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "kernel_time_by_kind": {
+            k: round(t / total, 3) for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [[n[:80], round(sum(ts) / total, 3), round(len(ts) / steps, 1)] for n, ts in ranked],
+    }
 
 
 def timeline_shares(
@@ -280,7 +319,8 @@ def main() -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="GPU only: also report the shares of the GPU's time busy, idle between launches and stalled",
+        help="GPU only: also report the shares of the GPU's time busy, idle between launches and stalled, "
+        "the kernel time by kind (matmul, attention, compiled Triton, elementwise, ...) and the top kernels",
     )
     p.add_argument(
         "--peers", type=Path, help="folder with the peers' peers_gpu.py: run them too, same machine"

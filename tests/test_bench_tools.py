@@ -116,6 +116,28 @@ def test_the_gpu_timeline_splits_idle_time_into_launch_gaps_and_stalls():
     assert row_line.endswith(f"| {shares['gpu_busy_share']} (0.007, 0.741) |")
 
 
+def test_the_gpu_profile_splits_kernel_time_by_kind():
+    import sft_speed
+
+    named = [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", 50.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", 30.0),
+        ("triton_poi_fused_add_mul_0", 10.0),
+        ("void at::native::vectorized_elementwise_kernel<4, ...>", 6.0),
+        ("flash_fwd_kernel", 3.0),
+        ("something_else", 1.0),
+    ]
+    got = sft_speed.kernel_shares(named, steps=2, top=2)
+    assert got["kernel_time_by_kind"] == {
+        "matmul": 0.8, "triton (compiled)": 0.1, "elementwise": 0.06, "attention": 0.03, "other": 0.01,
+    }  # fmt: skip
+    assert got["top_kernels"] == [
+        ["sm90_xmma_gemm_bf16bf16_bf16f32", 0.8, 1.0],
+        ["triton_poi_fused_add_mul_0", 0.1, 0.5],
+    ]
+    assert sft_speed.kernel_shares([], steps=1) == {}
+
+
 def test_the_summary_puts_lora_beside_full_and_memory_beside_the_peer_like_with_like(tmp_path):
     rows = [
         {"config": "tunelab_full_compile", "model": "qwen0.5b", "real_tokens_per_s": 80_000, "peak_mem_GiB": 19.6},
