@@ -166,7 +166,24 @@ def gpu_timeline(model, examples, cfg, steps: int = 8) -> dict:
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     named = [(e.name, e.time_range.end - e.time_range.start) for e in kernels]
-    return {**timeline_shares(spans), **kernel_shares(named, steps)}
+    timed = [(e.time_range.start, e.time_range.end, e.name) for e in kernels]
+    return {**timeline_shares(spans), **kernel_shares(named, steps), **stalls_before(timed, steps)}
+
+
+def stalls_before(kernels: list[tuple[float, float, str]], steps: int, top: int = 6) -> dict:
+    """The stalls (idle gaps of 100 us to 50 ms, as `timeline_shares` counts them) by the kernel the
+    GPU then waited for, in ms per step: the host's slow spots (a compiled layer's call, the loss head's
+    chunks, the optimizer, the step's end) named by the first kernel each one launched."""
+    waited: dict[str, float] = {}
+    end = None
+    for s, e, name in sorted(kernels):
+        if end is not None and 100 <= s - end < 50_000:
+            waited[name[:80]] = waited.get(name[:80], 0.0) + (s - end)
+        end = e if end is None else max(end, e)
+    ranked = sorted(waited.items(), key=lambda kv: -kv[1])[:top]
+    return (
+        {"stalls_before_ms_per_step": [[n, round(t / 1000 / steps, 2)] for n, t in ranked]} if ranked else {}
+    )
 
 
 # Kernel kinds by name, first match wins (cuBLAS/CUTLASS GEMMs, flash attention, Inductor's fused

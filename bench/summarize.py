@@ -108,6 +108,13 @@ def table(ours: list[dict], peers: dict[str, dict]) -> str:
                 )
             lines.append(line)
     lines += _lora_and_memory(ours, peers)
+    for row in ours:  # --profile: where the kernel time goes, and what the GPU stalled waiting for
+        if "kernel_time_by_kind" in row:
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in row["kernel_time_by_kind"].items())
+            stalls = "; ".join(f"{n} {ms} ms" for n, ms in row.get("stalls_before_ms_per_step", []))
+            lines.append(
+                f"{row['model']} {row['config']} kernel time: {kinds}; stalls before (per step): {stalls}"
+            )
     for model in sorted({r.get("model") for r in ours}):
         rows = {r["config"]: r for r in ours if r.get("model") == model and "error" not in r}
         eager = rows.get("tunelab_full")

@@ -136,6 +136,15 @@ def test_the_gpu_profile_splits_kernel_time_by_kind():
         ["triton_poi_fused_add_mul_0", 0.1, 0.5],
     ]
     assert sft_speed.kernel_shares([], steps=1) == {}
+    timed = [(0, 100, "a"), (150, 200, "b"), (700, 800, "c"), (2000, 2100, "c"), (90_000, 90_100, "d")]
+    # 50 us before b: a launch gap; 500 us before c and 1,200 before the second c: stalls; 87.9 ms
+    # before d: setup, left out
+    assert sft_speed.stalls_before(timed, steps=2) == {"stalls_before_ms_per_step": [["c", 0.85]]}
+    row = {"config": "tunelab_lora_compile", "model": "m", "real_tokens_per_s": 1, **got}
+    row.update(sft_speed.stalls_before(timed, steps=2))
+    assert "m tunelab_lora_compile kernel time: matmul 80%, triton (compiled) 10%, elementwise 6%" in (
+        summarize.table([row], {})
+    ) and "stalls before (per step): c 0.85 ms" in summarize.table([row], {})
 
 
 def test_the_summary_puts_lora_beside_full_and_memory_beside_the_peer_like_with_like(tmp_path):
