@@ -303,3 +303,24 @@ def test_the_first_bad_row_in_the_file_is_the_one_named(tmp_path, bad_json_line,
     assert e.value.line == min(bad_json_line, empty_line)
     assert [x.record.line for x in read_examples(str(path), limit=1)] == [1]
     assert len(read_examples(str(path), on_bad_row="skip")) == 3
+
+
+def test_data_fields_that_map_nothing_are_refused(tmp_path):
+    """data.fields naming a column no row has was silent for an optional role (an Alpaca `input`
+    mapped to a misspelled column: every example lost its input), and a role the schema lacks
+    (`{input: c}` on Q/A rows, `{context: c}`, `{quest: question}`) was dropped without a word, or
+    made detection fail with a message about the columns, not the mapping."""
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"inst": "Add 1", "ctx": "to 2", "out": "3"}] * 4)
+    fields = {"instruction": "inst", "output": "out"}
+    assert load_records(str(alpaca), fields={**fields, "input": "ctx"}).train[0].values["input"] == "to 2"
+    with pytest.raises(DataError, match="data.fields.input names column 'context', which no row has") as e:
+        load_records(str(alpaca), fields={**fields, "input": "context"})
+    assert "ctx" in e.value.hint
+    qa = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a", "c": "x"}] * 4)
+    with pytest.raises(DataError, match="data.fields maps 'input', which the qa schema has no role for"):
+        load_records(str(qa), fields={"input": "c"})
+    with pytest.raises(DataError, match="data.fields maps 'context', which no schema has a role for"):
+        load_records(str(qa), fields={"context": "c"})
+    with pytest.raises(DataError, match="data.fields maps 'quest'") as e:
+        load_records(str(qa), fields={"quest": "question"})
+    assert "did you mean 'question'" in e.value.hint

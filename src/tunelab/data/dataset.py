@@ -55,7 +55,9 @@ def _records(
         )
     if not read.rows and read.rejects:
         raise _none_usable(path, read.rejects)
+    schema.check_fields(read.rows, fields, None, path)  # a role no schema has: before detection
     name = schema.detect_schema(read.rows, fields, source=path) if schema_name == "auto" else schema_name
+    schema.check_fields(read.rows, fields, name, path)
     records, rejects, unusable = [], list(read.rejects), []
     for row in read.rows:
         try:

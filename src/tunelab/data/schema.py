@@ -6,6 +6,7 @@ messages, text) to validated values. The schema is detected from the column name
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,32 @@ def detect_schema(rows: list[Row], fields: dict[str, str], source: str | None = 
         "--data.fields.answer=a, or in the config), rename them, "
         f"or set data.schema to one of {', '.join(SCHEMAS)}",
     )
+
+
+def check_fields(rows: list[Row], fields: dict[str, str], name: str | None, source: str | None) -> None:
+    """`data.fields` maps only roles of the schema (`name`; None: of any schema, before it is
+    detected) to columns some row has: otherwise the mapping would be dropped without a word (an
+    optional role, such as Alpaca's input, is simply left out of every example)."""
+    every = dict.fromkeys(r for required, optional in SCHEMAS.values() for r in required + optional)
+    roles = list(SCHEMAS[name][0] + SCHEMAS[name][1]) if name else list(every)
+    columns = sorted({k for row in rows for k in row.data})
+    for role, column in fields.items():
+        if role not in roles:
+            close = difflib.get_close_matches(role, roles, n=1)
+            whose = f"the {name} schema has no" if name else "no schema has a"
+            raise DataError(
+                f"data.fields maps '{role}', which {whose} role for (roles: {', '.join(roles)})",
+                source=source,
+                hint=(f"did you mean '{close[0]}'? " if close else "")
+                + "data.fields maps a role to a column: --data.fields.question=q",
+            )
+        if rows and column not in columns:
+            close = difflib.get_close_matches(column, columns, n=1)
+            raise DataError(
+                f"data.fields.{role} names column '{column}', which no row has",
+                source=source,
+                hint=(f"did you mean '{close[0]}'? " if close else "") + f"the columns: {', '.join(columns)}",
+            )
 
 
 # A lone surrogate (JSON can spell one as "\ud800") is not text any tokenizer can encode.
