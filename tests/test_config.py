@@ -272,3 +272,25 @@ def test_lora_keys_given_for_a_full_finetune_are_said(tmp_path, capsys):
     assert load_config(recipe, ["--lora.r=8"]).lora.r == 8
     load_config(overrides=["--lora.r=8", "--train.method=dora"])
     assert capsys.readouterr().err == ""
+
+
+def test_a_data_key_of_the_other_task_is_refused(tmp_path):
+    """`tunelab pretrain --data.max_length=64` (or truncation_side, template, train_on_prompt, the
+    formats) and `tunelab train --data.chunk_length=64` ran and did nothing: pretraining cuts
+    documents into chunk_length chunks and trains every token, finetuning never chunks."""
+    with pytest.raises(ConfigError, match="data.max_length: a finetuning setting, and this pretrains") as e:
+        load_config(overrides=["--data.max_length=64"], values={"task": "pretrain"})
+    assert "data.chunk_length" in e.value.hint
+    with pytest.raises(ConfigError, match="data.truncation_side, data.template: a finetuning setting"):
+        load_config(values={"task": "pretrain", "data.truncation_side": "left", "data.template": "qa"})
+    with pytest.raises(
+        ConfigError, match="data.chunk_length: a pretraining setting, and this finetunes"
+    ) as e:
+        load_config(overrides=["--data.chunk_length=64"], values={"task": "sft"})
+    assert "data.max_length" in e.value.hint
+    # Harmless: a value that changes nothing (what `--from` across tasks sets), or a file's own keys.
+    load_config(values={"task": "pretrain", "data.template": "auto", "data.prompt_format": None})
+    load_config(overrides=["--data.template=none"], values={"task": "pretrain"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  max_length: 128\n")
+    assert load_config(recipe, values={"task": "pretrain"}).data.max_length == 128

@@ -310,6 +310,7 @@ def load_config(
         given.append(".".join(keys))
     cfg = _build(RunConfig, tree, "")
     validate(cfg)
+    _refuse_other_task(cfg, given)
     unused = [k for k in given if k.split(".")[0] == "lora"]
     if unused and cfg.train.method == "full":
         # Said, not refused: one set of arguments swept over methods is fine. A file's lora section
@@ -320,6 +321,44 @@ def load_config(
             file=sys.stderr,
         )
     return cfg
+
+
+# Data keys only one task reads: pretraining cuts documents into chunks and trains every token.
+_SFT_ONLY = (
+    "data.template",
+    "data.prompt_format",
+    "data.completion_format",
+    "data.train_on_prompt",
+    "data.max_length",
+    "data.truncation_side",
+)
+_PRETRAIN_ONLY = ("data.chunk_length",)
+
+
+def _refuse_other_task(cfg: RunConfig, given: list[str]) -> None:
+    """A data key given here (not a file's) that only the other task reads would change nothing;
+    its default (what `--from` across tasks sets) and pretraining's own template `none` are fine."""
+    default, data = dataclasses.asdict(DataConfig()), dataclasses.asdict(cfg.data)
+    other = _SFT_ONLY if cfg.task == "pretrain" else _PRETRAIN_ONLY
+    harmless = {"template": "none"}
+    unused = [
+        k
+        for k in dict.fromkeys(given)
+        if k in other and data[k[5:]] not in (default[k[5:]], harmless.get(k[5:], default[k[5:]]))
+    ]
+    if not unused:
+        return
+    if cfg.task == "pretrain":
+        raise ConfigError(
+            f"{', '.join(unused)}: a finetuning setting, and this pretrains: documents are joined, cut "
+            "into data.chunk_length-token chunks, and every token is trained",
+            "leave it out; for shorter sequences set --data.chunk_length, to finetune run `tunelab train`",
+        )
+    raise ConfigError(
+        f"{', '.join(unused)}: a pretraining setting, and this finetunes: each example is its own "
+        "sequence, cut at data.max_length",
+        "leave it out; to bound the examples set --data.max_length, to pretrain run `tunelab pretrain`",
+    )
 
 
 def check_task(path: str | Path | None, task: str) -> None:
