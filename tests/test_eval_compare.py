@@ -580,3 +580,24 @@ def test_a_bad_test_row_past_the_limit_does_not_stop_eval(tmp_path):
     with pytest.raises(DataError, match="empty completion") as e:
         read_examples(str(empty))
     assert e.value.line == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "RUN", "--base", "B", "--no-base"], "--base and --no-base"),
+        (["eval", "RUN", "--judge-model", "m"], "--judge-model without --judge"),
+        (
+            ["compare", "A", "B", "--judge-mode", "pairwise", "--judge-cache", "c"],
+            "--judge-mode, --judge-cache",
+        ),
+        (["compare", "A", "B", "--train-data", "t.jsonl"], "--train-data feeds fewshot:K:MODEL contenders"),
+    ],
+)
+def test_eval_and_compare_refuse_options_they_would_ignore(args, message, capsys):
+    """--base beside --no-base, the judge's options without --judge, and compare's --train-data
+    with no fewshot:K:MODEL contender were accepted and did nothing, without a word."""
+    from tunelab.cli import main
+
+    assert main([*args, "--data", "no/such/test.jsonl"]) == 2
+    assert message in capsys.readouterr().err

@@ -299,7 +299,39 @@ def _bench_of(path: Path, labels: list[str]) -> dict[str, Any] | None:
     return kept or None
 
 
+def _check_unused(args: argparse.Namespace) -> None:
+    """Options that would change nothing in this call are refused, not dropped without a word."""
+    judging = {
+        "--judge-model": args.judge_model is not None,
+        "--judge-mode": args.judge_mode != "rubric",
+        "--judge-api-key-env": args.judge_api_key_env is not None,
+        "--judge-concurrency": args.judge_concurrency != 4,
+        "--judge-retries": args.judge_retries != 4,
+        "--judge-cache": args.judge_cache is not None,
+    }
+    unused = [flag for flag, given in judging.items() if given]
+    if unused and not args.judge:
+        raise TunelabError(
+            f"{', '.join(unused)} without --judge: nothing is judged, so they would do nothing",
+            "add --judge URL (an OpenAI-compatible endpoint), or leave them out",
+        )
+    if getattr(args, "base", None) and args.no_base:
+        raise TunelabError(
+            "--base and --no-base: --no-base evaluates the model alone, so --base would be ignored",
+            "give one of them",
+        )
+    if getattr(args, "train_data", None):
+        from tunelab.evaluate.predict import parse_contender
+
+        if not any(parse_contender(m).shots for m in args.models):
+            raise TunelabError(
+                "--train-data feeds fewshot:K:MODEL contenders, and none is named: it would not be read",
+                "add a contender such as fewshot:3:BASE, or leave --train-data out",
+            )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_unused(args)
     models = [args.model]
     if not args.no_base:
         base = args.base or base_of(args.model)
@@ -310,6 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    _check_unused(args)
     out = Path(args.out) if args.out else _default_out(args.models[-1], "compare")
     return _run(args.models, args, out, args.train_data)
 
