@@ -208,3 +208,11 @@ def test_export_never_deletes_what_it_exports(runs, tmp_path, capsys):
         cli.main(["export", str(run), "--merge", str(kept), "--overwrite"]) == 0
     )  # a real overwrite still works
     assert not (kept / "mine.txt").exists() and (kept / "config.json").exists()
+
+
+def test_export_refuses_a_dtype_with_nothing_merged(tmp_path, capsys):
+    """--dtype sets the merged weights' dtype; with --adapter alone (copied as trained) it was
+    accepted and did nothing."""
+    out = tmp_path / "a"
+    assert cli.main(["export", "no/such-run", "--adapter", str(out), "--dtype", "bfloat16"]) == 2
+    assert "--dtype is the merged model's dtype" in capsys.readouterr().err and not out.exists()

@@ -175,6 +175,12 @@ def copy_adapter(source: str, out: Path, overwrite: bool = False) -> Path:
 def handler(args: argparse.Namespace) -> int:
     if not (args.merge or args.adapter):
         raise TunelabError("nothing to export", "give --merge OUT and/or --adapter OUT")
+    if args.dtype != "auto" and not args.merge:
+        raise TunelabError(
+            f"--dtype is the merged model's dtype, and nothing is merged: --dtype {args.dtype} would do "
+            "nothing (the adapter is copied as trained)",
+            "add --merge OUT, or leave --dtype out",
+        )
     if args.merge and args.adapter and _overlaps(Path(args.merge), Path(args.adapter)):
         raise TunelabError(
             "--merge and --adapter name the same or nested folders", "give each its own folder"
