@@ -479,3 +479,16 @@ def test_resuming_a_finished_run_without_checkpoints_says_it_finished(llama_dir,
     shutil.rmtree(run / "final")  # interrupted before any checkpoint
     with pytest.raises(TunelabError, match="no complete checkpoint"):
         runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+
+
+def test_a_save_every_the_run_never_reaches_is_said(llama_dir, data, tmp_path, capsys):
+    """train.save_every at or above the run's steps wrote no checkpoint without a word: a run
+    believed resumable after a crash had nothing to resume from."""
+    run = tmp_path / "run"
+    args = [a for a in train_args(llama_dir, data, run, "lora") if not a.startswith("--train.save_every")]
+    assert cli.main([*args, "--train.max_steps=2", "--train.save_every=2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: train.save_every is 2 and the run has 2 steps: no checkpoint is written" in err
+    assert not (run / "checkpoints").exists()
+    assert cli.main([*args, "--train.max_steps=3", "--train.save_every=2", "--overwrite"]) == 0
+    assert "save_every" not in capsys.readouterr().err

@@ -260,6 +260,14 @@ def train(
     )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 10)
+    if save and cfg.save_every and cfg.save_every >= total_steps and dist.is_main:
+        # A checkpoint is written before the last step only (final/ holds the end): none at all here.
+        print(
+            f"note: train.save_every is {cfg.save_every} and the run has {total_steps} steps: no "
+            "checkpoint is written, so an interrupted run cannot be resumed "
+            f"(--train.save_every below {total_steps} writes them)",
+            file=sys.stderr,
+        )
     seed_everything(cfg.seed)
     if cfg.gradient_checkpointing:
         checkpoint_activations(model)
