@@ -391,3 +391,56 @@ def test_a_head_that_cannot_be_swapped_is_kept(llama_dir, monkeypatch):
         with fused_head(model) as fused:
             assert not fused and model.get_output_embeddings() is head
             assert float(loss_sum(model, batch)) == pytest.approx(expected, rel=1e-6)
+
+
+def token_mixer(kind: str):
+    """A tiny fp32 model with layers that mix tokens outside attention: LFM2's short convolutions,
+    Mamba's state-space layers; or OPT on eager attention, whose mask ignores the restarting
+    position ids (larger initial weights, so one example reaching another shows)."""
+    shapes = {
+        "lfm2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, layer_types=["conv", "full_attention"]),
+        "mamba": dict(hidden_size=32, num_hidden_layers=2, state_size=4),
+        "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=32, init_std=0.2, dropout=0.0),
+    }[kind]  # fmt: skip
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, vocab_size=100, initializer_range=0.2, **shapes)
+    impl = "eager" if kind == "opt" else None
+    return AutoModelForCausalLM.from_config(config, attn_implementation=impl).float()
+
+
+@pytest.mark.parametrize("kind", ["lfm2", "mamba", "opt"])
+def test_models_that_mix_tokens_outside_attention_take_each_example_alone(kind, tmp_path):
+    """A packed row carried one example into the next through LFM2's convolutions, Mamba's state and
+    OPT's eager mask (blind to the restarting position ids): the eval loss and the trained step's loss of several examples differed from the examples run one
+    by one (by ~1 %). Such models now take each example in a pass of its own."""
+    from tunelab.config import TrainConfig
+    from tunelab.training.loop import evaluate, fast_paths, train
+
+    exs = examples(4, seed=1, vocab=100)
+    weights = [sum(t != IGNORE for t in e.labels[1:]) for e in exs]
+
+    def alone(losses: list[float]) -> float:
+        return sum(x * n for x, n in zip(losses, weights)) / sum(weights)
+
+    model = token_mixer(kind)
+    with fast_paths(model):
+        together = evaluate(model, exs, 4096, torch.device("cpu"))
+        each = [evaluate(model, [e], 4096, torch.device("cpu")) for e in exs]
+    assert together == pytest.approx(alone(each), rel=1e-6)
+    # The training loop: one step over all four; its logged loss is the loss before the update.
+    cfg = TrainConfig(max_steps=1, batch_size=4, lr=0.0, compile=False, log_every=1, eval_every=0)
+    result = train(model, None, exs, [], cfg, tmp_path, quiet=True, save=False)
+    assert result.final_loss == pytest.approx(alone(each), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("varlen", [True, False])
+def test_attention_models_keep_examples_apart_in_one_row(tiny_models, kind, varlen):
+    """Decoders whose only token mixer is attention stay packed (the probe must not split them)."""
+    model = load(tiny_models[kind], "packed-attention" if varlen else "sdpa-mask")
+    assert attention.keeps_examples_apart(model, varlen)
+    assert not attention.keeps_examples_apart(token_mixer("lfm2"), False)

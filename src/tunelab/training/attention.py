@@ -221,6 +221,72 @@ def describe(model: Any) -> str:
     return f"{impl or 'default'} with a block-diagonal mask"
 
 
+class _Seen(Exception):
+    pass
+
+
+def keeps_examples_apart(model: Any, varlen: bool) -> bool:
+    """Does a packed row keep its examples apart in this model? Attention does (per-example kernels,
+    or the block-diagonal mask), but layers that mix tokens outside attention (LFM2's convolutions,
+    Mamba's and other state-space layers, linear attention) carry one example into the next, and so
+    does a model whose own mask ignores the restarting position ids (OPT, BLOOM, MPT, BioGPT, XGLM
+    eager). Eval forwards of a row of two 3-token examples: the gradient of the second's hidden
+    states with respect to the first's input embeddings must be exactly zero (masked attention and
+    routing give exact zeros, however small a leak), and changing the first example must leave the
+    second's hidden states as they were, up to rounding (a mixture of experts' matmuls change shape
+    with the other tokens, so not bit for bit; this catches a leak with no gradient, e.g. MPT's).
+    No parameter gradients, no random draws; False where the probe cannot run."""
+    base, _ = _config(model)
+    seen: list[torch.Tensor] = []
+
+    def grab(module: Any, args: tuple) -> None:
+        seen.append(args[0])
+        raise _Seen  # the hidden states are all it needs: the head does not run
+
+    was_training = base.training
+    try:
+        head = base.get_output_embeddings()
+        embed = base.get_input_embeddings()
+        device = next(base.parameters()).device
+        handle = head.register_forward_pre_hook(grab)
+    except Exception:  # noqa: BLE001 - a model the probe cannot run: each example alone is always right
+        return False
+    ids = torch.arange(1, 7, device=device)[None] % embed.num_embeddings
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+    bounds = torch.tensor([0, 3, 6], dtype=torch.int32, device=device)
+    kwargs = (
+        {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": 3, "max_length_k": 3}
+        if varlen
+        else {}
+    )
+    base.eval()
+    try:
+        with torch.enable_grad():
+            embeds = embed(ids).detach().requires_grad_()
+            try:
+                base(inputs_embeds=embeds, position_ids=positions, use_cache=False, **kwargs)
+            except _Seen:
+                pass
+            if len(seen) != 1:
+                return False
+            (grad,) = torch.autograd.grad(seen[0][:, 3:].float().sum(), embeds)
+        with torch.no_grad():
+            other = torch.cat([embed((ids[:, :3] + 3) % embed.num_embeddings), embeds[:, 3:]], 1)
+            try:
+                base(inputs_embeds=other, position_ids=positions, use_cache=False, **kwargs)
+            except _Seen:
+                pass
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        handle.remove()
+        base.train(was_training)
+    if len(seen) != 2 or grad[:, :3].any():
+        return False
+    first, second = (h[:, 3:].float() for h in seen)
+    return bool((first - second).abs().max() <= 1e-2 * first.abs().max())
+
+
 @contextmanager
 def packed(model: Any) -> Iterator[bool]:
     """Per-example packed attention for the block (where supported); yields whether the model now

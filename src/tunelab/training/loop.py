@@ -197,15 +197,18 @@ def evaluate(
     device: torch.device,
     varlen: bool | None = None,
     dist: Dist = distributed.SINGLE,
+    apart: bool | None = None,
 ) -> float:
     """Mean loss per trained token over `examples` (`varlen`: the model takes one packed row with
-    boundaries, see training/attention.py; None = ask `model`).
+    boundaries, see training/attention.py; `apart`: each example in a pass of its own, for models
+    that mix tokens outside attention; None = ask `model`).
     Several processes: each rank evaluates its share and every rank returns the same mean."""
+    varlen = attention.is_varlen(model) if varlen is None else varlen
+    apart = not attention.keeps_examples_apart(model, varlen) if apart is None else apart
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    varlen = attention.is_varlen(model) if varlen is None else varlen
-    plan = plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens)
+    plan = one_per_pass(plan_eval([len(e.input_ids) for e in examples], micro_batch_tokens), apart)
     batches = [collate([examples[i] for i in mb], varlen) for mb in plan]
     for batch, counts in distributed.deal(batches, dist):
         loss = loss_sum(model, batch.to(device))
@@ -215,6 +218,12 @@ def evaluate(
     total, count = distributed.all_sum([float(total), count], dist)  # the one wait for the device
     model.train(was_training)
     return total / max(count, 1)
+
+
+def one_per_pass(micro_batches: list[list[int]], apart: bool) -> list[list[int]]:
+    """Each example a micro-batch of its own where the model mixes tokens outside attention
+    (`attention.keeps_examples_apart`): a packed row would carry one example into the next."""
+    return [[i] for mb in micro_batches for i in mb] if apart else micro_batches
 
 
 @contextmanager
@@ -276,6 +285,10 @@ def train(
             "no weight of the model is trainable: the run would change nothing",
             "a bug in how the model was prepared (every weight frozen); please report it with the command",
         )
+    varlen = attention.is_varlen(model)  # one packed row per micro-batch, no mask
+    # Convolutions, state-space layers, linear attention: a packed row would carry one example into
+    # the next, so there each example goes through the model on its own.
+    apart = not attention.keeps_examples_apart(model, varlen)
     model.train()
     # Several processes: `wrapped` is DDP around `model`, or `model` sharded in place by FSDP.
     wrapped = distributed.wrap(model, dist)
@@ -294,7 +307,6 @@ def train(
     peak = peak_flops(device)
     if peak:
         peak *= dist.world_size  # tokens/s counts every rank's tokens
-    varlen = attention.is_varlen(model)  # one packed row per micro-batch, no mask
     log = MetricsLogger(run_dir, total_steps, quiet, cfg.report_to) if dist.is_main else SilentLogger()
     where = f"{dist.world_size} x {device} ({dist.mode})" if dist.world_size > 1 else str(device)
     dtypes = sorted(
@@ -307,7 +319,8 @@ def train(
         + ", ".join(
             x
             for x in (
-                f"attention {attention.describe(model)}",
+                f"attention {attention.describe(model)}"
+                + (", one example per pass (the model mixes tokens outside attention)" if apart else ""),
                 describe_loss(model),
                 lora.describe(model),
                 optim.describe(optimizer),
@@ -352,7 +365,9 @@ def train(
             return
         with _explain_out_of_memory(cfg, device, run_dir, log, f"evaluating at step {step}"):
             with compiling.paused(model):  # eagerly: a forward-only graph is not worth its warm-up
-                last_eval = evaluate(wrapped, eval_examples, cfg.micro_batch_tokens, device, varlen, dist)
+                last_eval = evaluate(
+                    wrapped, eval_examples, cfg.micro_batch_tokens, device, varlen, dist, apart
+                )
         log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
@@ -376,7 +391,8 @@ def train(
     def epoch_plan(epoch: int) -> list[list[list[int]]]:
         nonlocal plans
         if epoch not in plans:
-            plans = {epoch: plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)}
+            plan = plan_epoch(lengths, cfg.batch_size, cfg.micro_batch_tokens, cfg.seed, epoch)
+            plans = {epoch: [one_per_pass(step, apart) for step in plan]}
         return plans[epoch]
 
     def packed_step(step: int) -> list[PackedBatch]:
