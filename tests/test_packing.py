@@ -441,6 +441,10 @@ def test_models_that_mix_tokens_outside_attention_take_each_example_alone(kind, 
 @pytest.mark.parametrize("varlen", [True, False])
 def test_attention_models_keep_examples_apart_in_one_row(tiny_models, kind, varlen):
     """Decoders whose only token mixer is attention stay packed (the probe must not split them)."""
-    model = load(tiny_models[kind], "packed-attention" if varlen else "sdpa-mask")
+    model = load(tiny_models[kind], "packed-attention" if varlen else "sdpa-mask").train()
+    next(m for n, m in model.named_modules() if n.endswith("mlp")).eval()  # a mixed state comes back
+    modes = {n: m.training for n, m in model.named_modules()}
     assert attention.keeps_examples_apart(model, varlen)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(p.grad is None for p in model.parameters())  # nothing trained, no gradient left
     assert not attention.keeps_examples_apart(token_mixer("lfm2"), False)

@@ -243,7 +243,7 @@ def keeps_examples_apart(model: Any, varlen: bool) -> bool:
         seen.append(args[0])
         raise _Seen  # the hidden states are all it needs: the head does not run
 
-    was_training = base.training
+    modes = {m: m.training for m in base.modules()}  # a mixed train/eval state comes back as it was
     try:
         head = base.get_output_embeddings()
         embed = base.get_input_embeddings()
@@ -280,7 +280,8 @@ def keeps_examples_apart(model: Any, varlen: bool) -> bool:
         return False
     finally:
         handle.remove()
-        base.train(was_training)
+        for m, flag in modes.items():
+            m.training = flag
     if len(seen) != 2 or grad[:, :3].any():
         return False
     first, second = (h[:, 3:].float() for h in seen)
