@@ -324,8 +324,9 @@ def main() -> None:
         "--lora-forward",
         choices=["fused", "single", "peft"],
         default="fused",
-        help="fused = the adapter added inside one addmm, sibling adapters (q/k/v, gate/up) sharing one A "
-        "matmul (default); single = the same without the shared A matmul; peft = PEFT's own LoRA forward",
+        help="fused = the adapter added inside one addmm, on CUDA sibling adapters (q/k/v, gate/up) sharing "
+        "one A matmul (default); single = the same without the shared A matmul (on a CPU: the same as fused); "
+        "peft = PEFT's own LoRA forward",
     )
     p.add_argument(
         "--compile-scope",

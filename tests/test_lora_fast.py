@@ -16,6 +16,12 @@ from tunelab.training.loop import fast_paths
 from tunelab.training.loss import fused_head, loss_sum
 
 
+@pytest.fixture(autouse=True)
+def siblings_on_cpu(monkeypatch):
+    """Sibling adapters share their A matmul on CUDA only (lora.SHARE_ON); tested here on the CPU."""
+    monkeypatch.setattr(lora, "SHARE_ON", ("cpu", "cuda"))
+
+
 def adapted(path, method: str = "lora", dtype=torch.float32, dropout: float = 0.0):
     """A tiny model with LoRA on every linear layer, B drawn at random so the adapters count; the
     same adapters for the same arguments, whatever the dtype."""
@@ -257,3 +263,12 @@ def test_siblings_compile_without_graph_breaks(llama_dir):
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert float((p.grad - grads[name]).norm()) <= 1e-5 * float(grads[name].norm()), name
+
+
+def test_siblings_share_only_where_it_pays(llama_dir, monkeypatch):
+    """On a CPU the shared A matmul measured no faster: there every layer keeps its own."""
+    monkeypatch.setattr(lora, "SHARE_ON", ("cuda",))
+    model = adapted(llama_dir)
+    assert sibling_groups(model) == []
+    with lora.fused_lora(model) as n:
+        assert lora.describe(model) == f"LoRA in one addmm in {n} of {n} adapted layers"
