@@ -158,7 +158,7 @@ def test_encode_records_and_pretrain_chunks(tokenizer):
     out = encode_records([rec(question="a", answer="b")], t, tokenizer, 64)
     assert out[0].input_ids[-1] == tokenizer.eos_token_id
     chunks = pack_documents(["one two three", "four five"], tokenizer, 4)
-    stream = [i for c in chunks for i in c.input_ids]
+    stream = chunks[0].input_ids + [i for c in chunks[1:] for i in c.input_ids[1:]]  # overlap by one
     expected = tokenizer("one two three")["input_ids"] + [tokenizer.eos_token_id]
     expected += tokenizer("four five")["input_ids"] + [tokenizer.eos_token_id]
     assert stream == expected[: len(stream)] and all(c.labels == c.input_ids for c in chunks)
@@ -178,8 +178,30 @@ def test_pretraining_frames_each_document_as_the_tokenizer_does():
 
     tok = WithBos()
     chunks = pack_documents(["ab", "c"], tok, 3)
-    assert [c.input_ids for c in chunks] == [[1, 197, 198], [2, 1, 199]]  # a last [2] predicts nothing
+    # Stream [1, 197, 198, 2, 1, 199, 2]; each chunk starts on the last token of the one before.
+    assert [c.input_ids for c in chunks] == [[1, 197, 198], [198, 2, 1], [1, 199, 2]]
     assert [c.labels for c in chunks] == [c.input_ids for c in chunks]
+
+
+def test_every_token_of_the_stream_is_a_target_exactly_once(tokenizer):
+    """Chunks were cut end to end: the first token of every chunk after the first was never a target
+    (nothing before it in its chunk) and the last token of each chunk predicted nothing, so one token
+    in chunk_length went untrained, the same ones every epoch (a final 1-token chunk, e.g. the last
+    EOS, was dropped too). Chunks now overlap by one token: every token but the stream's first is a
+    target exactly once, and no chunk is longer than chunk_length."""
+    from tunelab.data.packing import collate
+
+    docs = ["one two three four", "five six", "seven", "the quick brown fox jumps over the lazy dog"]
+    stream = []
+    for d in docs:
+        stream += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for length in (2, 3, 4, 5, 7, len(stream) - 1, len(stream), len(stream) + 3):
+        chunks = pack_documents(docs, tokenizer, length)
+        assert all(2 <= len(c.input_ids) <= length for c in chunks)
+        assert all(c.labels == c.input_ids for c in chunks)
+        targets = [t for c in chunks for t in collate([c]).targets[0].tolist() if t != -100]
+        assert targets == stream[1:], length  # each one once, in order; none lost at a border
+        assert [i for c in chunks for i in c.input_ids[1:]] == stream[1:]
 
 
 def test_messages_without_a_chat_template_point_at_a_model_that_has_one(tmp_path):

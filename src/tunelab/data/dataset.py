@@ -139,7 +139,10 @@ def encode_records(
 def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[Encoded]:
     """Pretraining: documents joined into one stream, cut into chunks; every token is trained. Each
     document is framed as the model will meet text later: the tokenizer's own prefix (a Llama
-    tokenizer's BOS, which generation and finetuning put before every prompt), the text, EOS."""
+    tokenizer's BOS, which generation and finetuning put before every prompt), the text, EOS.
+    A chunk's first token is never a target (nothing precedes it in its chunk), so each chunk starts
+    on the last token of the one before: every token but the stream's first is a target exactly once.
+    The last chunk may be shorter; chunks never cross into padding (training is padding-free)."""
     eos = tokenizer.eos_token_id
     prefix = special_prefix(tokenizer)
     stream: list[int] = []
@@ -147,8 +150,9 @@ def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[
         stream.extend(prefix + tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
-    chunks = [stream[i : i + chunk_length] for i in range(0, len(stream), chunk_length)]
-    return [Encoded(c, list(c)) for c in chunks if len(c) > 1]
+    step = chunk_length - 1
+    chunks = [stream[i : i + chunk_length] for i in range(0, len(stream) - 1, step)]
+    return [Encoded(c, list(c)) for c in chunks]
 
 
 def count_trainable(examples: list[Encoded]) -> int:
