@@ -347,6 +347,21 @@ def test_model_tokenizer_takes_shipped_names_and_must_fit_the_embeddings(llama_d
         load_model(str(llama_dir), tokenizer="world:tokenizer")  # resolved as a shipped name; too big
 
 
+INIT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "max_position_embeddings": 64}  # fmt: skip
+
+
+def test_model_init_must_cover_the_tokenizer(tokenizer_dir, tokenizer):
+    """`model.init` with a vocab_size below the tokenizer's ids built the model and died in the first
+    forward pass with `IndexError: index out of range in self`; it is refused when the model is built."""
+    with pytest.raises(ModelLoadError, match=f"vocab_size 300 .* {len(tokenizer)}"):
+        load_model("world", init={**INIT, "vocab_size": 300}, tokenizer=str(tokenizer_dir))
+    model, _, _ = load_model(
+        "world", init={**INIT, "vocab_size": len(tokenizer) + 8}, tokenizer=str(tokenizer_dir)
+    )
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 8  # room to spare is fine
+
+
 def test_the_log_says_what_auto_picked_for_the_data_and_the_weights(llama_dir, qa_file, tmp_path, capsys):
     """The docs say the first log lines say what each `auto` choice picked: the schema, template and
     dtype were not among them."""

@@ -215,9 +215,15 @@ def load_model(
         init = dict(init)
         model_type = init.pop("model_type")
         tok = load_tokenizer(resolve_source(tokenizer or name_or_path).model, trust_remote_code)
+        vocab_size = init.pop("vocab_size", len(tok))
+        if vocab_size < len(tok):  # ids past the embeddings would fail in the first forward pass
+            raise ModelLoadError(
+                f"model.init vocab_size {vocab_size:,} is smaller than the tokenizer's {len(tok):,} tokens",
+                f"leave vocab_size out of model.init (it is the tokenizer's) or set it to at least {len(tok):,}",
+            )
         config = AutoConfig.for_model(
             model_type,
-            vocab_size=init.pop("vocab_size", len(tok)),
+            vocab_size=vocab_size,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
