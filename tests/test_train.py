@@ -362,6 +362,14 @@ def test_model_init_must_cover_the_tokenizer(tokenizer_dir, tokenizer):
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 8  # room to spare is fine
 
 
+def test_model_init_may_name_its_special_token_ids(tokenizer_dir, tokenizer):
+    """An init naming eos/bos/pad_token_id (as HF configs do) crashed with `AutoConfig.for_model() got
+    multiple values for keyword argument 'pad_token_id'`; the init's own value now wins, the others
+    come from the tokenizer."""
+    model, _, _ = load_model("world", init={**INIT, "pad_token_id": 2}, tokenizer=str(tokenizer_dir))
+    assert model.config.pad_token_id == 2 and model.config.eos_token_id == tokenizer.eos_token_id
+
+
 def test_the_log_says_what_auto_picked_for_the_data_and_the_weights(llama_dir, qa_file, tmp_path, capsys):
     """The docs say the first log lines say what each `auto` choice picked: the schema, template and
     dtype were not among them."""

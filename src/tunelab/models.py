@@ -224,10 +224,12 @@ def load_model(
         config = AutoConfig.for_model(
             model_type,
             vocab_size=vocab_size,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **init,
+            **{  # the tokenizer's special ids, unless the init names its own
+                "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id,
+                **init,
+            },
         )
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn)
