@@ -370,6 +370,27 @@ def test_model_init_may_name_its_special_token_ids(tokenizer_dir, tokenizer):
     assert model.config.pad_token_id == 2 and model.config.eos_token_id == tokenizer.eos_token_id
 
 
+def test_chunk_length_is_checked_against_the_init_under_its_own_name():
+    """The check of data.chunk_length against the model's positions read only `max_position_embeddings`
+    from model.init: a GPT-2 init's `n_positions: 16` (or an init leaving it at the model's default)
+    let chunk_length 32 through, and training died with `IndexError: index out of range in self`."""
+    from tunelab.config import load_config
+    from tunelab.errors import ConfigError
+
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 16}
+    tok = {"task": "pretrain", "model.tokenizer": "world:tokenizer"}
+    cfg = load_config(values={**tok, "model.init": gpt2, "data.chunk_length": 32})
+    with pytest.raises(ConfigError, match="data.chunk_length is 32 but the model takes at most 16 tokens"):
+        runner.resolve_max_length(cfg)
+    default = {k: v for k, v in INIT.items() if k != "max_position_embeddings"}  # Llama's: 2048
+    cfg = load_config(values={**tok, "model.init": default, "data.chunk_length": 4096,
+                              "train.micro_batch_tokens": 8192})  # fmt: skip
+    with pytest.raises(ConfigError, match="at most 2048 tokens"):
+        runner.resolve_max_length(cfg)
+    ok = load_config(values={**tok, "model.init": INIT, "data.chunk_length": 64})
+    assert runner.resolve_max_length(ok).data.chunk_length == 64
+
+
 def test_the_log_says_what_auto_picked_for_the_data_and_the_weights(llama_dir, qa_file, tmp_path, capsys):
     """The docs say the first log lines say what each `auto` choice picked: the schema, template and
     dtype were not among them."""

@@ -44,10 +44,15 @@ def make_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
 
 
 def _max_positions(name_or_path: str, init: dict[str, Any] | None) -> int | None:
-    if init is not None:
-        return init.get("max_position_embeddings")
     from transformers import AutoConfig
 
+    if init is not None:  # the config the init builds: its own key (GPT-2's n_positions) or default
+        fields = {k: v for k, v in init.items() if k != "model_type"}
+        try:
+            config = AutoConfig.for_model(init["model_type"], **fields)
+        except (KeyError, TypeError, ValueError):
+            return None  # the model build right after says what is wrong
+        return getattr(config, "max_position_embeddings", None)
     try:
         config = AutoConfig.from_pretrained(resolve_source(name_or_path).model)
     except (OSError, ValueError):
