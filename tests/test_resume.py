@@ -62,12 +62,23 @@ def logged(run: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("lr"), r.get("grad_norm")) for r in rows]
 
 
+# What a metrics.jsonl record says about the clock and the machine, not about the run.
+WALL_CLOCK = {"time", "elapsed_s", "eta_s", "tokens_per_s", "mfu", "peak_mem_gib"}
+
+
+def metric_records(run: Path) -> list[dict]:
+    """metrics.jsonl, every line and field but the wall-clock ones."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
+
+
 def assert_same_run(run: Path, reference: Path) -> None:
     for folder in ("final", "best"):
         got, want = load_file(weights_file(run, folder)), load_file(weights_file(reference, folder))
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), f"{folder}/ weights differ"
     assert logged(run) == logged(reference)
+    assert metric_records(run) == metric_records(reference)
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +440,8 @@ def test_the_logged_loss_is_the_windows_and_a_resume_inside_a_window_logs_it_ali
 ):
     """With log_every=4 each record's loss is the mean over its four steps per trained token (the
     steps' own losses from a log_every=1 run, which trains alike); a run stopped at step 10's
-    checkpoint, inside the window of steps 9-12, resumes to the same records."""
+    checkpoint, inside the window of steps 9-12, resumes to the same records: every field, also the
+    window's real `tokens` (the record of step 12 counted only the tokens of steps 11-12)."""
 
     class Stop(Exception):
         pass
@@ -467,6 +479,7 @@ def test_the_logged_loss_is_the_windows_and_a_resume_inside_a_window_logs_it_ali
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert cli.main(["train", "--resume", str(tmp_path / "stopped"), "--quiet"]) == 0
     assert logged(tmp_path / "stopped") == logged(tmp_path / "window")
+    assert metric_records(tmp_path / "stopped") == metric_records(tmp_path / "window")
 
 
 def test_resuming_a_finished_run_without_checkpoints_says_it_finished(llama_dir, data, tmp_path):

@@ -336,6 +336,7 @@ def train(
     # window's summed loss and its trained tokens (a checkpoint keeps them, so a resumed run logs
     # what the uninterrupted one does).
     window_loss, window_targets = 0.0, 0
+    resumed_tokens = 0  # the real tokens of the window's steps before the checkpoint (its record counts them)
     data_id = checkpoint.fingerprint(train_examples)
     distributed.check_same_data(data_id, dist)
     if resume_from is not None:
@@ -355,7 +356,8 @@ def train(
         best_eval = meta.get("best_eval_loss") or math.inf
         best_step = meta.get("best_step")
         ran_compiled = meta.get("compiled")
-        window_loss, window_targets = meta.get("loss_window", (0.0, 0))
+        window_loss, window_targets, *rest = meta.get("loss_window", (0.0, 0))
+        resumed_tokens = rest[0] if rest else 0  # (checkpoints before it was kept: not known)
         log.print(f"resumed from {resume_from} at step {start_step}")
         log.advance(start_step)
 
@@ -557,7 +559,7 @@ def train(
                 "loss": loss_value,
                 "lr": step_lr,  # the logged step's own (the scheduler has moved on to the next's)
                 "grad_norm": grad_norm,
-                "tokens": window_tokens,  # real tokens since the last log line
+                "tokens": resumed_tokens + window_tokens,  # real tokens since the last log line
                 "targets": window_targets,  # of which trained (with a label): the loss's weights
                 "tokens_per_s": tokens_per_s,
                 "elapsed_s": elapsed,
@@ -568,7 +570,7 @@ def train(
                 "peak_mem_gib": peak_memory_gib(device),
             }
             log.log(record)
-            window_tokens, window_time = 0, 0.0
+            window_tokens, window_time, resumed_tokens = 0, 0.0, 0
             window_loss, window_targets = 0.0, 0
         log.advance(done, f"loss {step_loss:.4f}")
         if eval_every and done % eval_every == 0 and done != total_steps:
@@ -581,7 +583,8 @@ def train(
                 "best_eval_loss": best_eval if best_step else None,
                 "best_step": best_step,
                 "compiled": compiled,  # what compile: auto decided, for a resumed run to go on alike
-                "loss_window": [window_loss, window_targets],  # steps not logged yet
+                # steps not logged yet: their loss, trained and real tokens
+                "loss_window": [window_loss, window_targets, resumed_tokens + window_tokens],
                 "train": checkpoint.trajectory(cfg),  # the settings a resume must not change
             }
             # Several processes: every rank helps gather the state (FSDP), rank 0 alone writes it.
