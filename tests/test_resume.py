@@ -185,16 +185,20 @@ def test_resume_refuses_changed_data(reference, data, tmp_path):
 )
 def test_resume_refuses_an_edited_config_and_says_what_changed(reference, tmp_path, edit, said):
     """An edited config.yaml resumed silently: a new lr was ignored (the checkpoint's scheduler won),
-    a new schedule applied halfway, a new seed or batch size changed the data order mid-epoch."""
+    a new schedule applied halfway, a new seed or batch size changed the data order mid-epoch. And the
+    refused resume had already cut metrics.jsonl back to the checkpoint's copy: a finished run kept
+    its final/ but lost the records of its last steps."""
     run = tmp_path / "run"
     shutil.copytree(reference["lora"], run)
     shutil.rmtree(run / "final")
     config = (run / "config.yaml").read_text()
     assert edit[0] in config, config
     (run / "config.yaml").write_text(config.replace(edit[0], edit[1]))
+    metrics = (run / "metrics.jsonl").read_text()
     with pytest.raises(TunelabError, match="cannot resume") as e:
         runner.run(runner.config_for_resume(run), quiet=True, resume=run)
     assert said in str(e.value) and "--from" in e.value.hint
+    assert (run / "metrics.jsonl").read_text() == metrics  # the refused resume changed nothing
 
 
 def test_resume_takes_the_memory_and_logging_knobs_and_refuses_another_lora_rank(reference, tmp_path):

@@ -4,7 +4,6 @@ model is loaded), then the model, then the loop. The CLI and the Python API both
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -206,10 +205,7 @@ def run(
             raise TunelabError(
                 f"no complete checkpoint in {run_dir}/checkpoints", "set train.save_every to write them"
             )
-        resume_from = found[-1]
-        # metrics.jsonl as it was at the checkpoint: what came after is about to be redone.
-        if dist.is_main and not checkpoint.restore_metrics(resume_from, run_dir / "metrics.jsonl"):
-            _trim_metrics(run_dir / "metrics.jsonl", checkpoint.step_of(resume_from))
+        resume_from = found[-1]  # (its metrics.jsonl is put back once the loop accepts it)
     # Data first: every bad row or setting stops here, before weights are read.
     cfg = resolve_max_length(cfg)
     check_trackers(cfg.train.report_to)
@@ -272,21 +268,6 @@ def run(
         resume_from=resume_from,
         quiet=quiet,
     )
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, forget what was logged after the checkpoint: those steps are about to be redone."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # blank, or cut in half by the kill
-        if record.get("step", 0) <= step:
-            keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def config_for_resume(run_dir: str | Path) -> RunConfig:

@@ -150,13 +150,22 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=step_of)
 
 
-def restore_metrics(path: Path, metrics: Path) -> bool:
-    """Put back metrics.jsonl as it was at the checkpoint; False if the checkpoint holds no copy."""
+def restore_metrics(path: Path, metrics: Path) -> None:
+    """Put back metrics.jsonl as it was at checkpoint `path`: what came after is about to be redone
+    (a checkpoint without a copy: the records after its step are dropped)."""
     saved = path / METRICS_FILE
-    if not saved.exists():
-        return False
-    shutil.copyfile(saved, metrics)
-    return True
+    if saved.exists():
+        shutil.copyfile(saved, metrics)
+    elif metrics.exists():
+        keep = []
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # blank, or cut in half by the kill
+            if record.get("step", 0) <= step_of(path):
+                keep.append(line)
+        metrics.write_text("".join(line + "\n" for line in keep))
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -352,6 +352,9 @@ def train(
                 "one); to train with new ones, let this run finish (resume it as it was), then start a new "
                 "run from it with `tunelab train --from RUN`",
             )
+        if log.path is not None:  # only now: a refused resume leaves the run as it was
+            # metrics.jsonl as it was at the checkpoint (the logger appends to it from here).
+            checkpoint.restore_metrics(resume_from, log.path)
         start_step = meta["step"]
         best_eval = meta.get("best_eval_loss") or math.inf
         best_step = meta.get("best_step")
