@@ -181,11 +181,14 @@ def test_resume_refuses_changed_data(reference, data, tmp_path):
         (("seed: 0", "seed: 1"), "train.seed (0 then, 1 now)"),
         (("batch_size: 4", "batch_size: 8"), "train.batch_size (4 then, 8 now)"),
         (("max_steps: 30", "max_steps: 40"), "the step count (30 planned, 40 now"),
+        (("alpha: 32", "alpha: 8"), "lora.alpha (32 then, 8 now)"),
+        (("dropout: 0.05", "dropout: 0.3"), "lora.dropout (0.05 then, 0.3 now)"),
     ],
 )
 def test_resume_refuses_an_edited_config_and_says_what_changed(reference, tmp_path, edit, said):
     """An edited config.yaml resumed silently: a new lr was ignored (the checkpoint's scheduler won),
-    a new schedule applied halfway, a new seed or batch size changed the data order mid-epoch. And the
+    a new schedule applied halfway, a new seed or batch size changed the data order mid-epoch, a new
+    lora.alpha or lora.dropout trained the adapter on with another scaling or mask rate. And the
     refused resume had already cut metrics.jsonl back to the checkpoint's copy: a finished run kept
     its final/ but lost the records of its last steps."""
     run = tmp_path / "run"

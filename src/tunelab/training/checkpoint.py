@@ -208,7 +208,22 @@ def trajectory(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=str))
 
 
-def changes(meta: dict[str, Any], data: str, total_steps: int, train: dict[str, Any]) -> list[str]:
+def adapter_settings(model: Any) -> dict[str, Any] | None:
+    """The LoRA settings that decide the updates and that the adapter's tensors do not show (its
+    shapes and names say r and the targets); None without an adapter."""
+    config = getattr(model, "peft_config", None)
+    if not isinstance(config, dict) or "default" not in config:
+        return None
+    return {"alpha": config["default"].lora_alpha, "dropout": config["default"].lora_dropout}
+
+
+def changes(
+    meta: dict[str, Any],
+    data: str,
+    total_steps: int,
+    train: dict[str, Any],
+    lora: dict[str, Any] | None = None,
+) -> list[str]:
     """What differs between a checkpoint's run and the run resuming it, each said with both values
     (checkpoints written before the train settings were kept are checked for data and steps only)."""
     out = []
@@ -221,6 +236,9 @@ def changes(meta: dict[str, Any], data: str, total_steps: int, train: dict[str, 
     for key, before in (meta.get("train") or {}).items():
         if key in train and train[key] != before:
             out.append(f"train.{key} ({before!r} then, {train[key]!r} now)")
+    for key, before in (meta.get("lora") or {}).items():
+        if lora and key in lora and lora[key] != before:
+            out.append(f"lora.{key} ({before!r} then, {lora[key]!r} now)")
     return out
 
 

@@ -342,7 +342,9 @@ def train(
     if resume_from is not None:
         # Weights/adapter, optimizer, scheduler and the RNG states (after seed_everything, so they win).
         meta = distributed.load_checkpoint(resume_from, model, optimizer, scheduler, dist)
-        changed = checkpoint.changes(meta, data_id, total_steps, checkpoint.trajectory(cfg))
+        changed = checkpoint.changes(
+            meta, data_id, total_steps, checkpoint.trajectory(cfg), checkpoint.adapter_settings(model)
+        )
         if changed:
             log.close()
             raise TunelabError(
@@ -589,6 +591,7 @@ def train(
                 # steps not logged yet: their loss, trained and real tokens
                 "loss_window": [window_loss, window_targets, resumed_tokens + window_tokens],
                 "train": checkpoint.trajectory(cfg),  # the settings a resume must not change
+                "lora": checkpoint.adapter_settings(model),  # and the adapter's (None: no adapter)
             }
             # Several processes: every rank helps gather the state (FSDP), rank 0 alone writes it.
             replicas_agree(f"at step {done}")
