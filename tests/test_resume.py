@@ -173,6 +173,25 @@ def test_resume_refuses_changed_data(reference, data, tmp_path):
         runner.run(runner.config_for_resume(run), quiet=True, resume=run)
 
 
+def test_resume_refuses_changed_eval_data(llama_dir, data, tmp_path):
+    """A run's eval file edited since the checkpoint resumed silently: the evaluations after it were
+    of other examples, and best/ was chosen comparing losses on two eval sets (the old set's best
+    step kept against the new set's larger losses)."""
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    train, held_out = write_jsonl(tmp_path / "train.jsonl", rows[:40]), tmp_path / "eval.jsonl"
+    write_jsonl(held_out, rows[40:44])
+    run = tmp_path / "run"
+    args = [a for a in train_args(llama_dir, train, run, "lora") if not a.startswith("--train.max_steps")]
+    args += ["--train.max_steps=3", "--train.save_every=2", f"--data.eval_path={held_out}"]
+    assert cli.main(args) == 0
+    shutil.rmtree(run / "final")
+    write_jsonl(held_out, rows[44:48])
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(TunelabError, match=r"changed since: the evaluation data \(its tokenized examples\)"):
+        runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
 @pytest.mark.parametrize(
     ("edit", "said"),
     [

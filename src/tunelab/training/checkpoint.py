@@ -223,12 +223,15 @@ def changes(
     total_steps: int,
     train: dict[str, Any],
     lora: dict[str, Any] | None = None,
+    eval_data: str | None = None,
 ) -> list[str]:
     """What differs between a checkpoint's run and the run resuming it, each said with both values
     (checkpoints written before the train settings were kept are checked for data and steps only)."""
     out = []
     if meta.get("data") != data:
         out.append("the training data (its tokenized examples)")
+    if "eval_data" in meta and meta["eval_data"] != eval_data:  # (not kept by older checkpoints)
+        out.append("the evaluation data (its tokenized examples)")
     if meta.get("total_steps") != total_steps:
         out.append(
             f"the step count ({meta.get('total_steps')} planned, {total_steps} now: train.max_steps or epochs)"

@@ -338,12 +338,18 @@ def train(
     window_loss, window_targets = 0.0, 0
     resumed_tokens = 0  # the real tokens of the window's steps before the checkpoint (its record counts them)
     data_id = checkpoint.fingerprint(train_examples)
+    eval_id = checkpoint.fingerprint(eval_examples)  # the evaluations and best/ depend on it
     distributed.check_same_data(data_id, dist)
     if resume_from is not None:
         # Weights/adapter, optimizer, scheduler and the RNG states (after seed_everything, so they win).
         meta = distributed.load_checkpoint(resume_from, model, optimizer, scheduler, dist)
         changed = checkpoint.changes(
-            meta, data_id, total_steps, checkpoint.trajectory(cfg), checkpoint.adapter_settings(model)
+            meta,
+            data_id,
+            total_steps,
+            checkpoint.trajectory(cfg),
+            checkpoint.adapter_settings(model),
+            eval_id,
         )
         if changed:
             log.close()
@@ -585,6 +591,7 @@ def train(
                 "epoch": round(done / steps_per_epoch, 4),
                 "total_steps": total_steps,
                 "data": data_id,
+                "eval_data": eval_id,
                 "best_eval_loss": best_eval if best_step else None,
                 "best_step": best_step,
                 "compiled": compiled,  # what compile: auto decided, for a resumed run to go on alike
