@@ -288,7 +288,8 @@ def train(
     varlen = attention.is_varlen(model)  # one packed row per micro-batch, no mask
     # Convolutions, state-space layers, linear attention: a packed row would carry one example into
     # the next, so there each example goes through the model on its own.
-    apart = not attention.keeps_examples_apart(model, varlen)
+    # Several processes: every rank must plan alike (one split where any rank's probe says so).
+    apart = distributed.all_sum([float(not attention.keeps_examples_apart(model, varlen))], dist)[0] > 0
     model.train()
     # Several processes: `wrapped` is DDP around `model`, or `model` sharded in place by FSDP.
     wrapped = distributed.wrap(model, dist)
