@@ -244,6 +244,23 @@ def test_a_batch_files_row_is_prompted_as_training_rendered_it(tokenizer, tmp_pa
     assert Generator(None, tokenizer, template).render(prompt) == trained_prompt
 
 
+@pytest.mark.parametrize("name", ["qa", "raw", "chat"])
+def test_an_alpaca_rows_input_reaches_the_prompt_under_a_template_without_input(tokenizer, tmp_path, name):
+    """An Alpaca run trained with `qa`, `raw` or `chat` joins `input` to the instruction (training's
+    rendering); a batch file's row with an input was prompted with the instruction alone (the chat run
+    dropped the input; the qa/raw runs filled {prompt} with the bare instruction)."""
+    from tunelab.generate import Generator, read_prompts
+
+    row = {"instruction": "Translate to French", "input": "word 99", "output": "mot 99"}
+    template = templates.resolve(name, "alpaca")
+    segments = templates.render(Record("d.jsonl", 1, row), template, tokenizer)
+    trained_prompt = segments[0].text  # what precedes the trained answer
+    assert not segments[0].train and segments[1].train and "word 99" in trained_prompt
+    batch = write_jsonl(tmp_path / "b.jsonl", [{"instruction": row["instruction"], "input": row["input"]}])
+    [prompt] = read_prompts(batch)
+    assert Generator(None, tokenizer, template).render(prompt) == trained_prompt
+
+
 def test_a_batch_files_chat_row_is_prompted_up_to_its_reference_answer(tokenizer, tmp_path):
     from tunelab.generate import Generator, prompt_of, read_prompts
 

@@ -105,13 +105,18 @@ class Generator:
                 messages = messages[:-1]
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         key = prompt_key(row)
-        if self.template is None or self.template.name in ("none", "chat"):
+        if self.template is None or self.template.name == "none":
             return self.render(str(row[key]))
         from tunelab.data.schema import PROMPT_ROLE
+        from tunelab.data.templates import _with_input
 
         role = PROMPT_ROLE.get(self.template.schema, "prompt")
-        values = {k: v for k, v in row.items() if isinstance(v, str) and k != key}
-        return prompt_text(self.template, {**values, role: str(row[key]), "prompt": str(row[key])})
+        # {prompt} is left to the template to derive from the role, as in training: an Alpaca input
+        # is then joined to the instruction it stands for.
+        values = {**{k: v for k, v in row.items() if isinstance(v, str) and k != key}, role: str(row[key])}
+        if self.template.name == "chat":  # one user turn, as training made of a prompt/completion row
+            return chat_prompt(self.tokenizer, _with_input(values, self.template.schema, "")[role])
+        return prompt_text(self.template, values)
 
     @property
     def context_length(self) -> int | None:
