@@ -363,3 +363,27 @@ def test_data_fields_that_map_nothing_are_refused(tmp_path):
     with pytest.raises(DataError, match="data.fields maps 'quest'") as e:
         load_records(str(qa), fields={"quest": "question"})
     assert "did you mean 'question'" in e.value.hint
+
+
+def test_a_chat_run_stops_on_the_end_of_turn_token_its_template_writes(tokenizer):
+    """Training labels a chat answer up to the token its template writes after it; generation stopped
+    only on EOS and a fixed list of known end-of-turn tokens, so a template ending turns with another
+    special token (`<|turn_end|>`, Command-R's, a custom one) generated on past the trained stop."""
+    import copy
+
+    from tunelab.generate import Generator
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|turn_end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|turn_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    template = templates.resolve("chat", "qa")
+    enc = encode_records([Record("d", 1, {"question": "Hi?", "answer": "Yo."})], template, tok, 512)[0]
+    trained = [t for t in enc.labels if t != IGNORE]
+    end = tok.convert_tokens_to_ids("<|turn_end|>")
+    assert trained[-1] == end  # what training taught the model to stop with
+    assert end in Generator(None, tok, template).stop_ids()
+    assert templates.turn_end(tok) == "<|turn_end|>"
+    assert templates.turn_end(tokenizer) == "<|im_end|>"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tunelab.data.templates import Template, chat_prompt, prompt_text
+from tunelab.data.templates import Template, chat_prompt, prompt_text, turn_end
 from tunelab.errors import DataError, TunelabError
 from tunelab.models import load_model, load_template
 
@@ -136,6 +136,10 @@ class Generator:
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         vocab = self.tokenizer.get_vocab()
         ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+        if self.template is None or self.template.name in ("chat", "none"):  # prompts via the chat template
+            end = turn_end(self.tokenizer)  # what chat training labels last in an answer
+            if end in vocab:
+                ids.add(vocab[end])
         return sorted(ids)
 
     def generate(

@@ -212,5 +212,29 @@ def _end_tokens(tokenizer: Any) -> set[str]:
     return {t for t in tokens if t.strip()}
 
 
+def turn_end(tokenizer: Any) -> str | None:
+    """The special token the chat template writes after an assistant's answer (its end of turn, which
+    `chat` training trains), so generation stops there; None when it writes none (a template ending a
+    turn with plain text, e.g. `role: content\\n`), or the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = "tunelab probe answer"
+    messages = [
+        {"role": "user", "content": "tunelab probe question"},
+        {"role": "assistant", "content": probe},
+    ]
+    try:
+        prefix = _chat(tokenizer, messages[:1], add_generation_prompt=True)
+        full = _chat(tokenizer, messages, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that rejects the probe: no end token learnt from it
+        return None
+    answer = full[len(prefix) :] if full.startswith(prefix) else full
+    if probe not in answer:
+        return None
+    after = answer[answer.rindex(probe) + len(probe) :]
+    hits = [(after.find(t), -len(t), t) for t in _end_tokens(tokenizer) if t in after]
+    return min(hits)[2] if hits else None
+
+
 def chat_prompt(tokenizer: Any, user_text: str) -> str:
     return _chat(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
