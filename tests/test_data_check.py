@@ -211,6 +211,28 @@ def test_all_masked_blocks(tmp_path, tokenizer):
     assert "zero_trainable" not in [f.code for f in report.findings if f.message.startswith("train")]
 
 
+def test_a_chat_template_that_ends_turns_without_a_special_token_is_warned_about(tmp_path, tokenizer):
+    """A chat template rendering `role: content\\n` ends an assistant turn with plain text: training
+    labels the newline and no token generation stops on (chat adds no EOS), so the model never learns
+    to stop. Neither the data check nor `train` said anything; now both warn, naming what to do."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    rows = [{"question": f"q{i}?", "answer": f"a{i}."} for i in range(4)]
+    loaded = load_records(str(write_jsonl(tmp_path / "t.jsonl", rows)))
+    report = analyse(loaded, templates.resolve("chat", "qa"), tok, Settings(max_length=512))
+    [finding] = [f for f in report.findings if f.code == "no_turn_end"]
+    assert finding.level == "warning" and "never learns to stop" in finding.message
+    assert "eos_token" in finding.message and "template qa" in finding.message
+    # A template that ends turns with a special token (<|im_end|>) is fine.
+    report = analyse(loaded, templates.resolve("chat", "qa"), tokenizer, Settings(max_length=512))
+    assert "no_turn_end" not in [f.code for f in report.findings]
+
+
 def test_chat_rows_empty_turns_and_lengths(tmp_path, tokenizer):
     def convo(system: str, user: str, answer: str) -> dict:
         turns = [("system", system), ("user", user), ("assistant", answer)]

@@ -278,6 +278,18 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
         report.chunk_length = settings.chunk_length
     report.epoch = _epoch(train_encoded, settings)
     report.findings = findings(report)
+    if template.name == "chat" and templates.turn_end(tokenizer) is None:
+        report.findings.append(
+            Finding(
+                "warning",
+                "no_turn_end",
+                "the tokenizer's chat template ends an assistant turn with no special token (plain text "
+                "such as a newline), and chat training adds no EOS: the model never learns to stop, and "
+                "generation runs on to max_new_tokens. Use a chat template that writes an end-of-turn "
+                "token after each assistant message (e.g. {{ eos_token }}), or data.template qa / custom, "
+                "which train EOS after the answer",
+            )
+        )
     return report
 
 
