@@ -257,3 +257,19 @@ def test_rouge_l_over_words_of_any_script_keeps_rouge_scores_english_figures():
         assert M.rouge_l(pred, ref) == plain.score(ref, pred)["rougeL"].fmeasure
     assert M.rouge_l("Москва столица", "Москва") == pytest.approx(2 / 3)
     assert M.rouge_l("東京都です", "東京です") == pytest.approx(2 * 4 / 9)  # one character per word
+
+
+def test_too_long_counts_chinese_and_japanese_characters_as_words():
+    """Text without spaces was one word, so a 200-character Chinese ramble against an 11-character
+    reference was never too_long; Han and kana now count a character as a word, as in ROUGE-L."""
+    ref = "奥地利的首都是维也纳。"
+    assert E.is_too_long("奥地利的首都是维也纳，" * 20, ref, E.ErrorRules())
+    assert not E.is_too_long("奥地利的首都是维也纳，一座古老的城市。", ref, E.ErrorRules())
+    assert E.is_too_long("東京は日本の首都です。" * 10, "東京です。", E.ErrorRules())
+    # Latin text is counted between spaces as before.
+    assert not E.is_too_long(
+        "one two three four five six seven eight nine ten eleven twelve", "Paris.", E.ErrorRules()
+    )
+    assert E.is_too_long(
+        "one two three four five six seven eight nine ten eleven twelve thirteen", "Paris.", E.ErrorRules()
+    )

@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from tunelab.evaluate.metrics import normalize
+from tunelab.evaluate.metrics import _CJK, normalize
 
 CATEGORIES = ("empty", "did_not_stop", "repetitive", "too_long", "copies_prompt", "wrong_format")
 DESCRIPTIONS = {
@@ -55,8 +55,14 @@ def is_repetitive(text: str, times: int = 3, max_ngram: int = 8) -> bool:
     return len(sentences) != len(set(sentences))
 
 
+def _length(text: str) -> int:
+    """Words between spaces; each Han or kana character is one (those scripts write no spaces, so a
+    whole Chinese paragraph was one word), as ROUGE-L counts them."""
+    return len(_CJK.sub(r" \g<0> ", text).split())
+
+
 def is_too_long(prediction: str, reference: str, rules: ErrorRules) -> bool:
-    return len(_words(prediction)) > rules.too_long_factor * len(_words(reference)) + rules.too_long_slack
+    return _length(prediction) > rules.too_long_factor * _length(reference) + rules.too_long_slack
 
 
 def copies_prompt(prediction: str, prompt: str, reference: str = "") -> bool:
