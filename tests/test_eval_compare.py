@@ -307,6 +307,16 @@ def test_fewshot_answers_under_alpaca_stop_at_either_preamble():
     assert shot_stops(QA) == ["### Question:"] and shot_stops(None) == ["\n\n"]
 
 
+def test_fewshot_chat_answers_are_not_cut_at_a_blank_line():
+    """Under the chat template the shots are earlier turns of the conversation, not blocks separated
+    by a blank line, yet a few-shot answer was cut at its first blank line: a two-paragraph answer
+    lost its second paragraph (and its scores) where the finetuned chat model kept it. The
+    end-of-turn token ends a chat answer, as it does without shots."""
+    from tunelab.evaluate.predict import shot_stops
+
+    assert shot_stops(templates.resolve("chat", "messages")) == []
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

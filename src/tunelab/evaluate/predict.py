@@ -242,8 +242,11 @@ def segments(ex: Example, template: Template | None, tokenizer: Any, shots: list
 
 def shot_stops(template: Template | None) -> list[str]:
     """Where the next few-shot example would start: a few-shot answer ends there. Alpaca's prompt
-    opens with one of two preambles (with an input or without), so both stop it."""
-    if template is None or template.name in ("chat", "none"):
+    opens with one of two preambles (with an input or without), so both stop it. Under chat the
+    shots are earlier turns: the end-of-turn token ends the answer, as it does without shots."""
+    if template is not None and template.name == "chat":
+        return []
+    if template is None or template.name == "none":
         return [SHOT_SEPARATOR]
     formats = [template.prompt_format]
     if template.name == "alpaca" and template.prompt_format == templates.ALPACA_PROMPT:
