@@ -141,6 +141,16 @@ def test_a_user_metric_named_like_another_keeps_its_module_in_its_name(tmp_path)
         resolve_metrics([f"{tmp_path / 'mine.py'}:exact_match"] * 2)
 
 
+def test_a_user_metric_named_like_an_output_field_keeps_its_module_in_its_name(tmp_path):
+    """A --metric named `prediction` (or `loss`, `errors`, `model`...) wrote its score over that field:
+    predictions.jsonl lost every prediction's text, summary.json the held-out loss."""
+    (tmp_path / "mine.py").write_text(
+        "def prediction(p, r):\n    return 0.5\n\ndef loss(p, r):\n    return 1.0\n"
+    )
+    metrics = resolve_metrics([f"{tmp_path / 'mine.py'}:prediction", f"{tmp_path / 'mine.py'}:loss"])
+    assert [m.name for m in metrics][-2:] == ["mine.prediction", "mine.loss"]
+
+
 # ------------------------------------------------------------------ error analysis
 
 REF = "The capital of France is Paris."

@@ -21,6 +21,12 @@ from tunelab.errors import TunelabError
 
 BUILTIN_METRICS = ("exact_match", "exact_match_norm", "contains", "rouge_l", "bleu")
 INSTALL_HINT = "pip install 'tunelab[eval]'"
+# Fields beside the scores in predictions.jsonl and summary.json (and the judge's score): a user
+# metric of one of these names would write over it, so it keeps its module in its name.
+RESERVED_NAMES = frozenset(
+    "index model question reference prediction finish_reason prompt_tokens completion_tokens errors "
+    "columns spec template loss perplexity corpus_bleu seconds judge".split()
+)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = set(string.punctuation)
@@ -192,7 +198,7 @@ def resolve_metrics(user: list[str] | None = None) -> list[Metric]:
     found = [Metric(name, fn) for name, fn in _BUILTIN.items()]
     for path in user or []:
         m = load_user_metric(path)
-        if any(m.name == f.name for f in found):  # a built-in's name, or two modules' same function
+        if m.name in RESERVED_NAMES or any(m.name == f.name for f in found):  # or two modules' same one
             module = path.rpartition(":")[0]
             m = Metric(f"{Path(module).stem if module.endswith('.py') else module}.{m.name}", m.fn, user=True)
             if any(m.name == f.name for f in found):
