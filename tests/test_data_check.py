@@ -442,3 +442,23 @@ def test_a_truncated_example_is_shown_as_training_sees_it(tokenizer_dir, tmp_pat
         text for text, trained in first["segments"] if trained
     )
     assert "dinar" not in (out / "report.md").read_text()
+
+
+def test_left_truncation_counts_the_trained_tokens_it_removes(tmp_path, tokenizer):
+    """Cut from the left into the answer, the first kept token is trained but predicts from nothing
+    (targets are shifted), so training loses it too: the report said one trained token fewer was
+    removed per such example than training loses (72 where 75 were)."""
+    from tunelab.data.dataset import encode_records
+    from tunelab.data.tokenize import n_trainable
+
+    rows = [
+        {"question": "Q" + " word" * n, "answer": "A" + " ans" * m} for n, m in [(2, 3), (5, 20), (30, 2)]
+    ]
+    loaded = load_records(str(write_jsonl(tmp_path / "t.jsonl", rows)), eval_ratio=0.0)
+    template = templates.resolve("qa", loaded.schema)
+    for side in ("left", "right"):
+        report = analyse(loaded, template, tokenizer, Settings(max_length=12, truncation_side=side))
+        cut = encode_records(loaded.train, template, tokenizer, 12, side)
+        whole = encode_records(loaded.train, template, tokenizer, 10**6, side)
+        lost = sum(n_trainable(w) - n_trainable(c) for w, c in zip(whole, cut))
+        assert report.splits["train"].completion_tokens_lost == lost, side

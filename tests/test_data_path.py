@@ -9,7 +9,7 @@ from tunelab.data import templates
 from tunelab.data.dataset import encode_records, load_records, pack_documents
 from tunelab.data.formats import Row, read_rows
 from tunelab.data.schema import Record, detect_schema, to_record
-from tunelab.data.tokenize import IGNORE, encode
+from tunelab.data.tokenize import IGNORE, encode, n_trainable
 from tunelab.errors import ConfigError, DataError
 
 
@@ -74,7 +74,10 @@ def test_truncation_sides(tokenizer):
     left = encode(segs, tokenizer, 8, "left")
     assert right.input_ids == full.input_ids[:8] and right.truncated
     assert right.completion_tokens_lost == sum(lab != IGNORE for lab in full.labels)
-    assert left.input_ids == full.input_ids[-8:] and left.completion_tokens_lost == 0
+    assert left.input_ids == full.input_ids[-8:]
+    # The whole answer and EOS are kept, but the answer's first token now starts the example, where
+    # nothing precedes it: it is no longer a target, one trained token lost.
+    assert left.completion_tokens_lost == n_trainable(full) - n_trainable(left) == 1
 
 
 def test_chat_template_trains_every_assistant_turn(tokenizer):

@@ -21,7 +21,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # unshifted: labels[i] is the target *at* position i (shifted later, per example)
     truncated: bool = False
-    completion_tokens_lost: int = 0  # trainable tokens cut by truncation
+    completion_tokens_lost: int = 0  # trained tokens (targets, as n_trainable counts them) cut by truncation
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -79,8 +79,11 @@ def assemble(
     if len(ids) > max_length:
         keep = slice(0, max_length) if truncation_side == "right" else slice(len(ids) - max_length, None)
         kept_labels = labels[keep]
+        # Trained tokens as n_trainable counts them: an example's first token is never a target, so a
+        # left cut into the answer loses the first kept token's target too.
         # count() rather than a generator: same numbers, several times faster on long examples.
-        lost = (len(labels) - labels.count(IGNORE)) - (len(kept_labels) - kept_labels.count(IGNORE))
+        before, after = labels[1:], kept_labels[1:]
+        lost = (len(before) - before.count(IGNORE)) - (len(after) - after.count(IGNORE))
         enc = Encoded(ids[keep], kept_labels, truncated=True, completion_tokens_lost=lost)
     return enc
 
