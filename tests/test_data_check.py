@@ -462,3 +462,18 @@ def test_left_truncation_counts_the_trained_tokens_it_removes(tmp_path, tokenize
         whole = encode_records(loaded.train, template, tokenizer, 10**6, side)
         lost = sum(n_trainable(w) - n_trainable(c) for w, c in zip(whole, cut))
         assert report.splits["train"].completion_tokens_lost == lost, side
+
+
+def test_a_repeated_row_split_onto_both_sides_is_named_as_the_cause_of_leakage(tmp_path, tokenizer):
+    """The documented case: a file repeats a row and the seeded split puts one copy in train, one in
+    eval. Duplicates are counted within each split, so neither side had any, and the leakage finding
+    did not say the repeat was the cause; the repeat across the split now counts."""
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(20)]
+    loaded = load_records(str(write_jsonl(tmp_path / "r.jsonl", [*rows, rows[5]])))  # line 21 = line 6
+    assert sorted(r.line for r in loaded.eval) == [6, 20]  # split_seed 42: line 6 in eval, 21 in train
+    report = analyse(loaded, templates.resolve("qa", "qa"), tokenizer, Settings(max_length=64))
+    (leak,) = [f for f in report.findings if f.code == "leakage"]
+    assert leak.message.startswith(
+        f"1 of 2 (50.0%) eval rows ask a prompt that train also has (limit 1%) at {tmp_path / 'r.jsonl'}:6"
+    )
+    assert "the data repeats rows (1 duplicates)" in leak.message

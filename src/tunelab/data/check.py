@@ -222,6 +222,13 @@ def _leakage(train: list[Record], held: list[Record], schema: str) -> tuple[int,
     return len(leaked), leaked[:N_LOCATIONS]
 
 
+def _repeated_across(train: list[Record], held: list[Record]) -> int:
+    """Eval rows split off a training file (same source) that equal a train row once normalised."""
+    sources = {r.source for r in train}
+    seen = {_key(r.values, normalise) for r in train}
+    return sum(r.source in sources and _key(r.values, normalise) in seen for r in held)
+
+
 def _file_counts(loaded: LoadedRecords) -> dict[str, dict[str, int]]:
     files: dict[str, dict[str, int]] = {}
     for split, items in (("train", loaded.train), ("eval", loaded.eval), ("rejected", loaded.rejects)):
@@ -270,6 +277,7 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
             for r, enc in zip(records[:N_EXAMPLES], encoded):
                 report.examples.append(_example(r, enc, tokenizer))
     report.leaked, report.leaked_at = _leakage(loaded.train, loaded.eval, loaded.schema)
+    report.repeated_across = _repeated_across(loaded.train, loaded.eval)
     if settings.chunk_length is not None:  # pretraining trains on chunks of the joined documents
         from tunelab.data.dataset import pack_documents
 
@@ -350,7 +358,9 @@ def findings(report: Report) -> list[Finding]:
     if report.leaked:
         share = report.leaked / held.rows
         level = "blocking" if share > report.max_leakage else "warning"
-        repeats = sum(s.exact_duplicates + s.near_duplicates for s in report.splits.values())
+        repeats = report.repeated_across + sum(
+            s.exact_duplicates + s.near_duplicates for s in report.splits.values()
+        )
         why = (
             f"; the data repeats rows ({repeats} duplicates), and a repeated row can land on both sides "
             "of the split: drop the repeated rows (those named above are on the eval side) and check again"

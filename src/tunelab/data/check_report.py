@@ -94,6 +94,9 @@ class Report:
     splits: dict[str, SplitStats] = field(default_factory=dict)
     leaked: int = 0  # eval rows whose prompt is also in train
     leaked_at: list[str] = field(default_factory=list)
+    # Eval rows split off the training file equal (normalised) to a train row: a row the file repeats,
+    # one copy on each side of the split (no split holds both, so neither counts it as a duplicate).
+    repeated_across: int = 0
     max_leakage: float = DEFAULT_MAX_LEAKAGE
     tokenizer: TokenizerInfo | None = None
     epoch: EpochEstimate | None = None
