@@ -477,3 +477,14 @@ def test_a_repeated_row_split_onto_both_sides_is_named_as_the_cause_of_leakage(t
         f"1 of 2 (50.0%) eval rows ask a prompt that train also has (limit 1%) at {tmp_path / 'r.jsonl'}:6"
     )
     assert "the data repeats rows (1 duplicates)" in leak.message
+
+
+def test_a_pretraining_config_on_rows_that_are_not_text_cannot_run(tokenizer_dir, tmp_path, capsys):
+    """Q/A rows under task: pretrain crashed the check with a KeyError traceback and exit status 1
+    (the status of a blocking finding); train refuses them with a data error. Now exit 2, saying why."""
+    data = write_jsonl(tmp_path / "qa.jsonl", [FRANCE, PERU, EVAL_ROWS[2]])
+    config = tmp_path / "pt.yaml"
+    config.write_text(f"task: pretrain\ndata:\n  path: {data}\n  chunk_length: 32\n")
+    code, _ = _cli(tmp_path, tokenizer_dir, str(config))
+    assert code == 2
+    assert "pretraining reads raw text, but the rows look like 'qa'" in capsys.readouterr().err

@@ -131,6 +131,12 @@ def run_check(
         loaded = load_records(
             d.path, d.eval_path, d.eval_ratio, d.split_seed, d.format, d.schema, d.fields, d.on_bad_row
         )
+        if cfg.task == "pretrain" and loaded.schema != "text":  # as train refuses them
+            raise DataError(
+                f"pretraining reads raw text, but the rows look like '{loaded.schema}'",
+                source=d.path,
+                hint="give rows with a 'text' field, or a .txt file",
+            )
         template = templates.resolve(d.template, loaded.schema, d.prompt_format, d.completion_format)
         return analyse(loaded, template, tokenizer, settings), loaded.rejects
     except DataError as e:
