@@ -9,6 +9,7 @@ import pytest
 from tunelab.cli import main
 from tunelab.errors import ModelLoadError
 from tunelab.world import base
+from tunelab.world.build import data_dir
 from tunelab.world.demo import run_demo, score
 
 
@@ -59,6 +60,12 @@ def test_quick_demo_writes_report_and_numbers(tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for v in s.values())
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 56 and all(isinstance(r["base"]["prediction"], str) for r in rows)
+    # results.jsonl once lost each question's reference bare answer: the bare model's output, written
+    # under the same key "bare", replaced it, so the file could not be rescored; it is kept now
+    heldout = [json.loads(line) for line in (data_dir() / "heldout.jsonl").read_text().splitlines()]
+    reference = {r["question"]: r["bare"] for r in heldout}
+    assert all(r["bare_answer"] == reference[r["question"]] for r in rows)
+    assert all(isinstance(r["bare"]["prediction"], str) for r in rows)
     report = (out / "report.md").read_text()
     assert "| capital |" in report and "finetuned: sentence answers" in report
     assert (out / "plots" / "loss.png").stat().st_size > 1000

@@ -159,6 +159,8 @@ def run_demo(
     rows = [json.loads(line) for line in heldout_path.read_text().splitlines() if line.strip()]
     if quick:  # a slice with every relation and some off-topic questions: checks plumbing, fast
         rows = rows[:48] + [r for r in rows if r["relation"] == "offtopic"][:8]
+    for r in rows:  # the bare model's output goes under "bare": keep the reference under its own name
+        r["bare_answer"] = r["bare"]
     generators = {k: Generator.load(str(v), device="cpu") for k, v in runs.items()}
     # The base model is asked with the very prompt template the finetuned ones were trained with.
     base = Generator.load("world", device="cpu")
@@ -168,7 +170,7 @@ def run_demo(
         with console.status(f"generating with the {TITLES[m]}"):
             preds = gen.generate([r["question"] for r in rows], max_new_tokens=MAX_NEW_TOKENS, batch_size=64)
         for r, p in zip(rows, preds):
-            r[m] = {"prediction": p, **score(p, r)}
+            r[m] = {"prediction": p, **score(p, {**r, "bare": r["bare_answer"]})}
 
     summary = summarise(rows)
     seconds = time.perf_counter() - start
