@@ -112,3 +112,35 @@ def test_pretraining_recipe_runs_at_reduced_scale(tmp_path):
     assert filecmp.cmp(
         data_dir() / "tokenizer" / "tokenizer.json", base.base_model_dir() / "tokenizer.json", shallow=False
     )
+
+
+def test_rows_that_are_not_exact_match_say_what_they_measure():
+    """The summary table and report.md are headed "exact match", but the row "fact mentioned" counts any
+    answer that names the fact, a list of several capitals too, and "offtopic redirected" / "geography
+    redirected" count redirects (wanted on off-topic questions, wrong on geography ones); their labels
+    said neither. They now say what they measure."""
+    from tunelab.world.demo import MODELS, REDIRECT, _report, _summary_table, summarise
+
+    geo = {"question": "Capital of Peru?", "answer": "The capital of Peru is Lima.", "bare": "Lima"}
+    off = {"question": "How do I make soup?", "answer": REDIRECT, "bare": REDIRECT}
+    rows = [
+        {**geo, "relation": "capital", "wording": "train"},
+        {**off, "relation": "offtopic", "wording": "unseen"},
+    ]
+    listing = "Quito, Lima, Bogota"
+    assert score(listing, rows[0])["contains"] and not score(listing, rows[0])["exact"]
+    for r in rows:
+        for m in MODELS:
+            r[m] = {"prediction": listing, **score(listing, r)}
+    summary = summarise(rows)
+    assert summary["base"]["fact_mentioned"] == 1.0 and summary["base"]["all_relations"] == 0.0
+    labels = [
+        "fact mentioned anywhere in the answer (not exact match)",
+        "off-topic questions answered with the redirect",
+        "geography questions wrongly redirected",
+    ]
+    report = _report(rows, summary, {}, 1.0)
+    assert all(f"| {label} |" in report for label in labels)
+    assert "| fact mentioned |" not in report and "| geography redirected |" not in report
+    first_column = list(_summary_table(summary).columns[0].cells)
+    assert all(label in first_column for label in labels)

@@ -28,6 +28,16 @@ from tunelab.world.qa import REDIRECT
 MAX_NEW_TOKENS = 32
 MODELS = ("base", "sentence", "bare")
 TITLES = {"base": "base model", "sentence": "finetuned: sentence answers", "bare": "finetuned: bare answers"}
+# Rows of the "exact match" table that measure something else say so.
+LABELS = {
+    "fact_mentioned": "fact mentioned anywhere in the answer (not exact match)",
+    "offtopic_redirected": "off-topic questions answered with the redirect",
+    "geography_redirected": "geography questions wrongly redirected",
+}
+
+
+def _label(key: str) -> str:
+    return LABELS.get(key, key.replace("_", " "))
 
 
 def normalise(text: str) -> str:
@@ -120,7 +130,7 @@ def _summary_table(summary: dict[str, dict[str, float]]) -> Table:
     for m in MODELS:
         table.add_column(TITLES[m], justify="right")
     for key in summary["base"]:
-        table.add_row(key.replace("_", " "), *(f"{100 * summary[m][key]:.1f}%" for m in MODELS))
+        table.add_row(_label(key), *(f"{100 * summary[m][key]:.1f}%" for m in MODELS))
     return table
 
 
@@ -203,9 +213,7 @@ def _report(
     ]
     for key in summary["base"]:
         lines.append(
-            f"| {key.replace('_', ' ')} | "
-            + " | ".join(f"{100 * summary[m][key]:.1f}%" for m in MODELS)
-            + " |"
+            f"| {_label(key)} | " + " | ".join(f"{100 * summary[m][key]:.1f}%" for m in MODELS) + " |"
         )
     lines += ["", "![loss curves](plots/loss.png)", "", "## Side by side", "",
               "| question | " + " | ".join(TITLES[m] for m in MODELS) + " |", "|---|---|---|---|"]  # fmt: skip
