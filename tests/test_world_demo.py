@@ -144,3 +144,20 @@ def test_rows_that_are_not_exact_match_say_what_they_measure():
     assert "| fact mentioned |" not in report and "| geography redirected |" not in report
     first_column = list(_summary_table(summary).columns[0].cells)
     assert all(label in first_column for label in labels)
+
+
+def test_demo_finetunes_do_not_let_machine_load_decide_compilation(monkeypatch, tmp_path):
+    """The demo is deterministic for its seed, but its finetunes ran with compile "auto", which times a
+    step: on a loaded 2-core CPU one run estimated 19 min and compiled the model, the other did not,
+    and the same seed gave two tables (currency 98.2 % vs 97.3 %). The demo now always trains eagerly."""
+    import tunelab.runner
+    from tunelab.world import demo
+
+    seen = []
+
+    class Done:
+        run_dir = tmp_path
+
+    monkeypatch.setattr(tunelab.runner, "run", lambda cfg, **kw: seen.append(cfg) or Done())
+    demo._finetune("x", "world:qa-train.jsonl", tmp_path / "x", quick=False, quiet=True)
+    assert seen[0].train.compile is False

@@ -91,7 +91,8 @@ def _finetune(name: str, data: str, out: Path, quick: bool, quiet: bool) -> Path
     from tunelab.config import DEFAULT_MODEL, packaged_config
     from tunelab.runner import run
 
-    overrides = [f"--out={out}", f"--name={name}", f"--data.path={data}"]
+    # Eager always: compile "auto" times a step, so machine load would decide the numerics and the table.
+    overrides = [f"--out={out}", f"--name={name}", f"--data.path={data}", "--train.compile=false"]
     if quick:
         overrides += ["--train.max_steps=3", "--train.eval_every=0"]
     cfg = load_config(packaged_config("world-qa.yaml"), overrides)
