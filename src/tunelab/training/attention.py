@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import TunelabError
+from tunelab.training.modes import eval_mode
 
 NAME = "tunelab_varlen"
 _log = logging.getLogger(__name__)
@@ -243,7 +244,6 @@ def keeps_examples_apart(model: Any, varlen: bool) -> bool:
         seen.append(args[0])
         raise _Seen  # the hidden states are all it needs: the head does not run
 
-    modes = {m: m.training for m in base.modules()}  # a mixed train/eval state comes back as it was
     try:
         head = base.get_output_embeddings()
         embed = base.get_input_embeddings()
@@ -259,9 +259,8 @@ def keeps_examples_apart(model: Any, varlen: bool) -> bool:
         if varlen
         else {}
     )
-    base.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(base), torch.enable_grad():
             embeds = embed(ids).detach().requires_grad_()
             try:
                 base(inputs_embeds=embeds, position_ids=positions, use_cache=False, **kwargs)
@@ -270,18 +269,16 @@ def keeps_examples_apart(model: Any, varlen: bool) -> bool:
             if len(seen) != 1:
                 return False
             (grad,) = torch.autograd.grad(seen[0][:, 3:].float().sum(), embeds)
-        with torch.no_grad():
-            other = torch.cat([embed((ids[:, :3] + 3) % embed.num_embeddings), embeds[:, 3:]], 1)
-            try:
-                base(inputs_embeds=other, position_ids=positions, use_cache=False, **kwargs)
-            except _Seen:
-                pass
+            with torch.no_grad():
+                other = torch.cat([embed((ids[:, :3] + 3) % embed.num_embeddings), embeds[:, 3:]], 1)
+                try:
+                    base(inputs_embeds=other, position_ids=positions, use_cache=False, **kwargs)
+                except _Seen:
+                    pass
     except Exception:  # noqa: BLE001
         return False
     finally:
         handle.remove()
-        for m, flag in modes.items():
-            m.training = flag
     if len(seen) != 2 or grad[:, :3].any():
         return False
     first, second = (h[:, 3:].float() for h in seen)

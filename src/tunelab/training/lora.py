@@ -49,6 +49,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.training.modes import eval_mode
+
 
 def _peft_types() -> tuple[type, tuple[type, ...]] | None:
     """PEFT's LoRA layer base class, and the LoRA layers `_forward` stands in for: the plain linear
@@ -143,10 +145,8 @@ def _siblings_of(model: Any, layers: list[Any]) -> list[list[Any]]:
         layer.register_forward_pre_hook(lambda m, args: calls.append((m, args[0] if args else None)))
         for layer in layers
     ]
-    training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             device = next(model.parameters()).device
             model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
     except Exception:  # noqa: BLE001 - a model this probe cannot run: every layer on its own
@@ -154,8 +154,6 @@ def _siblings_of(model: Any, layers: list[Any]) -> list[list[Any]]:
     finally:
         for hook in hooks:
             hook.remove()
-        for m, flag in training.items():
-            m.training = flag
     seen = [m for m, _ in calls]
     runs: list[list[Any]] = []
     for i, (layer, x) in enumerate(calls):
