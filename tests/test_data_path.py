@@ -175,7 +175,7 @@ def test_pretraining_frames_each_document_as_the_tokenizer_does():
     class WithBos:
         eos_token_id, bos = 2, 1
 
-        def __call__(self, text, add_special_tokens=True):
+        def __call__(self, text, add_special_tokens=True, verbose=True):  # as an HF tokenizer's
             ids = [100 + ord(c) for c in text]
             return {"input_ids": [self.bos] * add_special_tokens + ids}
 
@@ -390,3 +390,22 @@ def test_a_chat_run_stops_on_the_end_of_turn_token_its_template_writes(tokenizer
     assert end in Generator(None, tok, template).stop_ids()
     assert templates.turn_end(tok) == "<|turn_end|>"
     assert templates.turn_end(tokenizer) == "<|im_end|>"
+
+
+def test_a_long_pretraining_document_gives_no_indexing_warning(tokenizer, caplog):
+    """transformers warned 'Token indices sequence length is longer than the specified maximum
+    sequence length ... will result in indexing errors' for a document longer than the tokenizer's
+    model_max_length: false, since pretraining cuts it into chunks."""
+    import transformers
+
+    transformers.logging.enable_propagation()
+    limit, tokenizer.model_max_length = tokenizer.model_max_length, 50  # (a session fixture: put back)
+    try:
+        long_doc = " ".join(["word"] * 100)
+        with caplog.at_level("WARNING"):
+            chunks = pack_documents([long_doc], tokenizer, 64)
+    finally:
+        tokenizer.model_max_length = limit
+        transformers.logging.disable_propagation()
+    assert len(chunks) > 1 and all(len(c.input_ids) <= 64 for c in chunks)
+    assert not [r for r in caplog.records if "indexing errors" in r.getMessage()]

@@ -147,7 +147,9 @@ def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[
     prefix = special_prefix(tokenizer)
     stream: list[int] = []
     for text in texts:
-        stream.extend(prefix + tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: no "longer than the model's maximum ... indexing errors" warning for a long
+        # document; it is cut into chunks here, never fed whole.
+        stream.extend(prefix + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
     step = chunk_length - 1
