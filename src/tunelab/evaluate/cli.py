@@ -13,6 +13,9 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 
+# The judge options' defaults: the parser's, and what `_check_unused` takes as "not given".
+JUDGE_DEFAULTS = {"judge_mode": "rubric", "judge_concurrency": 4, "judge_retries": 4}
+
 
 def base_of(model: str) -> str | None:
     """The model a run (or adapter) started from; None for a plain model or a run trained from scratch."""
@@ -81,14 +84,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     j = p.add_argument_group("LLM-as-judge (any OpenAI-compatible endpoint; nothing is sent without --judge)")
     j.add_argument("--judge", metavar="URL", help="e.g. http://localhost:8000")
     j.add_argument("--judge-model", help="model name the endpoint serves")
-    j.add_argument("--judge-mode", choices=("rubric", "pairwise"), default="rubric")
+    j.add_argument("--judge-mode", choices=("rubric", "pairwise"), default=JUDGE_DEFAULTS["judge_mode"])
     j.add_argument(
         "--judge-api-key-env",
         help="environment variable holding the endpoint's key (default: OPENAI_API_KEY, sent only to "
         "api.openai.com; other endpoints get a key only when this names its variable)",
     )
-    j.add_argument("--judge-concurrency", type=int, default=4)
-    j.add_argument("--judge-retries", type=_at_least(0), default=4)
+    j.add_argument("--judge-concurrency", type=int, default=JUDGE_DEFAULTS["judge_concurrency"])
+    j.add_argument("--judge-retries", type=_at_least(0), default=JUDGE_DEFAULTS["judge_retries"])
     j.add_argument("--judge-cache", help="cache folder (default ~/.cache/tunelab/judge)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -303,10 +306,10 @@ def _check_unused(args: argparse.Namespace) -> None:
     """Options that would change nothing in this call are refused, not dropped without a word."""
     judging = {
         "--judge-model": args.judge_model is not None,
-        "--judge-mode": args.judge_mode != "rubric",
+        "--judge-mode": args.judge_mode != JUDGE_DEFAULTS["judge_mode"],
         "--judge-api-key-env": args.judge_api_key_env is not None,
-        "--judge-concurrency": args.judge_concurrency != 4,
-        "--judge-retries": args.judge_retries != 4,
+        "--judge-concurrency": args.judge_concurrency != JUDGE_DEFAULTS["judge_concurrency"],
+        "--judge-retries": args.judge_retries != JUDGE_DEFAULTS["judge_retries"],
         "--judge-cache": args.judge_cache is not None,
     }
     unused = [flag for flag, given in judging.items() if given]
