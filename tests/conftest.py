@@ -51,6 +51,54 @@ def build_tokenizer(out: Path, chat_template: bool = True):
     return fast
 
 
+LLAMA2_CHAT = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+ZEPHYR_CHAT = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def build_sp_tokenizer(style: str = "legacy", chat_template: str | None = LLAMA2_CHAT):
+    """A small SentencePiece-style tokenizer (BPE with byte fallback, "▁" for spaces, a dummy prefix
+    before each call's text, BOS added, EOS "</s>"), as Llama 2 / Mistral / TinyLlama ship them.
+    style: "legacy" (Llama 2's tokenizer.json: a Prepend("▁") normalizer, prefix on every split of the
+    text, a leading space or not), "always" / "first" (a Metaspace pre-tokenizer with that
+    prepend_scheme: "first" puts it only before the text's first split, not after a special token)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=450, special_tokens=specials, show_progress=False)
+    lines = CORPUS + [f"What is the capital of {c}? The capital of {c} is {a}." for c, a in COUNTRIES]
+    tok.train_from_iterator(lines * 5, trainer)
+    # The 256 byte tokens as ordinary vocabulary (as SentencePiece has them), for characters it lacks.
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    if style == "legacy":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=style)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = chat_template
+    return fast
+
+
 def build_model(kind: str, tokenizer, out: Path, seed: int = 0, width: int = 32) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -9,13 +9,27 @@ from typing import Any
 
 import torch
 
-from tunelab.data.templates import Template, chat_prompt, prompt_text, turn_end
+from tunelab.data.templates import Template, chat_prompt, chat_prompt_pieces, prompt_text, turn_end
 from tunelab.errors import DataError, TunelabError
 from tunelab.models import load_model, load_template
 
 # A prompt: its text, or a whole data row (a batch file's JSONL line), rendered as training rendered
 # rows: every field the template names (Alpaca's `input` too), or a chat's messages.
 Prompt = str | dict[str, Any]
+
+
+class RenderedPrompt(str):
+    """A rendered prompt's text that keeps the segments it was rendered as (evaluation's few-shot
+    prompts, a chat's turns), so raw generation tokenises them as training tokenised them."""
+
+    pieces: tuple[str, ...]
+
+    def __new__(cls, pieces: list[str]) -> RenderedPrompt:
+        text = super().__new__(cls, "".join(pieces))
+        text.pieces = tuple(pieces)
+        return text
+
+
 # The field that holds a row's prompt text, first found first.
 PROMPT_KEYS = ("prompt", "question", "instruction", "input")
 
@@ -93,16 +107,31 @@ class Generator:
         role = PROMPT_ROLE.get(self.template.schema, "prompt")
         return prompt_text(self.template, {role: text, "prompt": text})
 
-    def _render_row(self, row: dict[str, Any]) -> str:
+    def pieces(self, prompt: Prompt) -> list[str]:
+        """The rendered prompt as the text segments training tokenised one by one (a conversation's
+        turns; one piece for a single question), so `prompt_ids` feeds the ids training saw."""
+        messages = self._chat_messages(prompt) if isinstance(prompt, dict) else None
+        if messages is not None:
+            return chat_prompt_pieces(self.tokenizer, messages)
+        return [self.render(prompt)]
+
+    def _chat_messages(self, row: dict[str, Any]) -> list[dict[str, str]] | None:
+        """A row's conversation up to the answer to generate, under a chat run; None otherwise."""
         messages = row.get("messages")
-        if (
+        if not (
             isinstance(messages, list)
             and messages
             and self.template is not None
             and self.template.name == "chat"
         ):
-            if messages[-1].get("role") == "assistant":  # the reference answer: not part of the prompt
-                messages = messages[:-1]
+            return None
+        if messages[-1].get("role") == "assistant":  # the reference answer: not part of the prompt
+            messages = messages[:-1]
+        return messages
+
+    def _render_row(self, row: dict[str, Any]) -> str:
+        messages = self._chat_messages(row)
+        if messages is not None:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         key = prompt_key(row)
         if self.template is None or self.template.name == "none":
@@ -161,14 +190,21 @@ class Generator:
         self, prompts: list[Prompt], max_new_tokens: int, raw: bool = False, first: int = 1
     ) -> list[list[int]]:
         """Each prompt's token ids as generation feeds them (rendered unless `raw`, after the BOS the
-        template wants); a prompt that leaves no room for `max_new_tokens` in the model's context is
-        refused, named by its number (the first one is `first`)."""
-        from tunelab.data.tokenize import special_prefix
+        template wants), its segments tokenised as training tokenised them (`tokenize.sequence_ids`);
+        a prompt that leaves no room for `max_new_tokens` in the model's context is refused, named by
+        its number (the first one is `first`)."""
+        from tunelab.data.tokenize import sequence_ids, special_prefix
 
         tok = self.tokenizer
         prefix = [] if (self.template is not None and self.template.name == "chat") else special_prefix(tok)
         ids = [
-            prefix + tok(self.render(p) if not raw else prompt_of(p), add_special_tokens=False)["input_ids"]
+            prefix
+            + sequence_ids(
+                (list(p.pieces) if isinstance(p, RenderedPrompt) else [prompt_of(p)])
+                if raw
+                else self.pieces(p),
+                tok,
+            )
             for p in prompts
         ]
         context = self.context_length

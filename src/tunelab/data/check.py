@@ -32,7 +32,7 @@ from tunelab.data.dataset import LoadedRecords
 from tunelab.data.packing import plan_epoch
 from tunelab.data.schema import COMPLETION_ROLE, SCHEMAS, Record
 from tunelab.data.templates import Segment, Template
-from tunelab.data.tokenize import IGNORE, Encoded, assemble, n_trainable, special_prefix, tokenize_texts
+from tunelab.data.tokenize import IGNORE, Encoded, assemble, n_trainable, special_prefix, tokenize_segments
 from tunelab.errors import DataError
 
 if TYPE_CHECKING:
@@ -152,16 +152,14 @@ def _encode_split(
     records: list[Record], template: Template, tokenizer: Any, s: Settings
 ) -> tuple[SplitStats, list[Encoded]]:
     segment_lists = [templates.render(r, template, tokenizer) for r in records]
-    flat = tokenize_texts([seg.text for segs in segment_lists for seg in segs], tokenizer)
+    ids = tokenize_segments([[seg.text for seg in segs] for segs in segment_lists], tokenizer)
     # As dataset.encode_records: chat templates write their own BOS and end-of-turn markup.
     chat = template.name == "chat"
     prefix = 0 if chat else len(special_prefix(tokenizer))
     has_eos = not chat and tokenizer.eos_token_id is not None
     stats, encoded = SplitStats(rows=len(records)), []
-    prompts, completions, at = [], [], 0
-    for r, segs in zip(records, segment_lists):
-        pieces = flat[at : at + len(segs)]
-        at += len(segs)
+    prompts, completions = [], []
+    for r, segs, pieces in zip(records, segment_lists, ids):
         enc = assemble(
             pieces, segs, tokenizer, s.max_length, s.truncation_side, s.train_on_prompt, not chat, not chat
         )

@@ -173,6 +173,24 @@ def _render_chat(record: Record, tokenizer: Any, schema: str = "messages") -> li
             else "use template: qa / alpaca / custom, or a model whose tokenizer ships a chat template",
         )
     messages = as_messages(record.values, schema)
+    segments, bad = _chat_segments(tokenizer, messages)
+    if bad is not None:
+        raise DataError(
+            "the chat template renders earlier turns differently once later turns are added, "
+            "so the trained part cannot be located exactly",
+            source=record.source,
+            line=record.line,
+            field=f"messages[{bad}]",
+            hint="use a single assistant turn per row, or a template without history rewriting",
+        )
+    return segments
+
+
+def _chat_segments(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> tuple[list[Segment], int | None]:
+    """A conversation as `_render_chat`'s segments (with the generation prompt after the last turn
+    when asked), and the message where the template rewrites earlier turns (None when it does not)."""
     segments: list[Segment] = []
     done = ""
     for i, m in enumerate(messages):
@@ -181,14 +199,7 @@ def _render_chat(record: Record, tokenizer: Any, schema: str = "messages") -> li
         prefix = _chat(tokenizer, messages[:i], add_generation_prompt=True)
         full = _chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise DataError(
-                "the chat template renders earlier turns differently once later turns are added, "
-                "so the trained part cannot be located exactly",
-                source=record.source,
-                line=record.line,
-                field=f"messages[{i}]",
-                hint="use a single assistant turn per row, or a template without history rewriting",
-            )
+            return segments, i
         segments.append(Segment(prefix[len(done) :], False))
         answer = full[len(prefix) :]
         # Whitespace the template writes after the turn's end token ("<|im_end|>\n") is markup
@@ -199,7 +210,22 @@ def _render_chat(record: Record, tokenizer: Any, schema: str = "messages") -> li
         else:
             segments.append(Segment(answer, True))
         done = full
-    return [s for s in segments if s.text]
+    if add_generation_prompt:
+        prompt = _chat(tokenizer, messages, add_generation_prompt=True)
+        if not prompt.startswith(done):
+            return segments, len(messages) - 1
+        segments.append(Segment(prompt[len(done) :], False))
+    return [s for s in segments if s.text], None
+
+
+def chat_prompt_pieces(tokenizer: Any, messages: list[dict[str, str]]) -> list[str]:
+    """A conversation's generation prompt as the text segments chat training tokenises one by one
+    (its earlier turns, answers and markup), so inference feeds the same ids; the whole prompt as one
+    piece when the template rewrites earlier turns (training refuses such rows)."""
+    segments, bad = _chat_segments(tokenizer, messages, add_generation_prompt=True)
+    if bad is not None:
+        return [_chat(tokenizer, messages, add_generation_prompt=True)]
+    return [s.text for s in segments]
 
 
 def _end_tokens(tokenizer: Any) -> set[str]:

@@ -3,6 +3,14 @@
 Labels are -100 wherever no loss is wanted (the prompt, unless train_on_prompt). The EOS token is
 appended to every completion and is trained, so the model learns to stop; this is done by structure,
 never by comparing ids with the pad token, so a tokenizer whose pad == eos still learns to stop.
+
+An example's segments are tokenised one by one (so labels split exactly at segment boundaries), and
+`tokenize_segments` is the one function training and inference both use for that: a segment that
+continues earlier text is tokenised as it appears in running text. For byte-level BPE (GPT-2, Llama 3,
+Qwen) that is the segment on its own. A SentencePiece-style tokenizer with a dummy prefix (Llama 2,
+Mistral, TinyLlama: a Metaspace pre-tokenizer or normalizer prepending "▁") would prepend "▁" to
+every call, so a later segment gets an anchor in front ("\\n", or the added token the text before ends
+with, which starts a new split as in running text) whose ids are then dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +48,106 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return prefix
 
 
+# Text a continuing segment is tokenised after, whose ids are then dropped: the first that merges with
+# nothing in the segment (its ids are a prefix of the joined text's). "\n" is what torchtune uses; the
+# other two are characters a vocabulary rarely holds, so they merge with nothing.
+ANCHORS = ("\n", "\x1e", "\ue000")
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def adds_dummy_prefix(tokenizer: Any) -> bool:
+    """Whether each call puts something (SentencePiece's "▁") before the text, seen by behaviour:
+    "x" and "y" tokenised apart decode to something else than "xy" tokenised whole."""
+    cached = getattr(tokenizer, "_tunelab_dummy_prefix", None)
+    if cached is not None:
+        return cached
+    apart = tokenizer.decode(_ids(tokenizer, "x") + _ids(tokenizer, "y"))
+    found = apart != tokenizer.decode(_ids(tokenizer, "xy"))
+    try:
+        tokenizer._tunelab_dummy_prefix = found
+    except AttributeError:
+        pass
+    return found
+
+
+def _added_tokens(tokenizer: Any) -> list[str]:
+    """Special and added tokens, longest first: running text splits around them."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    try:
+        tokens |= set(tokenizer.get_added_vocab())
+    except (AttributeError, NotImplementedError):
+        pass
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def _anchors(before: str, added: list[str]) -> tuple[str, ...]:
+    """What a segment that follows `before` is tokenised after: the added token `before` ends with (the
+    segment then starts a new split, which some tokenizers give a dummy prefix too, as running text
+    does), else ANCHORS."""
+    end = next((t for t in added if before.endswith(t)), None)
+    return (end,) if end is not None else ANCHORS
+
+
+def _after(
+    tokenizer: Any, anchors: tuple[str, ...], text: str, first: list[int], heads: dict[str, list[int]]
+) -> list[int]:
+    """`text`'s ids as running text has them after an anchor: the joined ids less the anchor's, with
+    the first anchor whose ids are a prefix of the joined ones (`first`: the joined ids of anchors[0];
+    `heads`: each anchor's ids, filled as needed). Should every anchor merge with the text, its ids on
+    its own."""
+    for k, anchor in enumerate(anchors):
+        if anchor not in heads:
+            heads[anchor] = _ids(tokenizer, anchor)
+        head = heads[anchor]
+        joined = first if k == 0 else _ids(tokenizer, anchor + text)
+        if head and joined[: len(head)] == head:
+            return joined[len(head) :]
+    return _ids(tokenizer, text)
+
+
+def tokenize_segments(texts: list[list[str]], tokenizer: Any) -> list[list[list[int]]]:
+    """The ids of each segment of each sequence (`texts[i]`: one sequence's segments in order), as
+    training and inference both tokenise them. A sequence's first segment is an ordinary call (with a
+    dummy prefix, where the tokenizer adds one: what the model saw at the start of text); a later one
+    continues the text before it (see the module's docstring). Without a dummy prefix, each segment is
+    tokenised on its own, batched (`tokenize_texts`)."""
+    flat_texts = [t for seq in texts for t in seq]
+    if not adds_dummy_prefix(tokenizer):
+        flat = tokenize_texts(flat_texts, tokenizer)
+    else:
+        added = _added_tokens(tokenizer)
+        plans: list[tuple[str, ...] | None] = []  # None: an ordinary call
+        calls: list[str] = []
+        for seq in texts:
+            before = ""
+            for text in seq:
+                plan = _anchors(before, added) if before and text else None
+                plans.append(plan)
+                calls.append(text if plan is None else plan[0] + text)
+                before += text
+        joined = tokenize_texts(calls, tokenizer)
+        heads: dict[str, list[int]] = {}
+        flat = [
+            ids if plan is None else _after(tokenizer, plan, text, ids, heads)
+            for ids, plan, text in zip(joined, plans, flat_texts)
+        ]
+    out: list[list[list[int]]] = []
+    at = 0
+    for seq in texts:
+        out.append(flat[at : at + len(seq)])
+        at += len(seq)
+    return out
+
+
+def sequence_ids(texts: list[str], tokenizer: Any) -> list[int]:
+    """One sequence's ids from its segments (`tokenize_segments`), joined: what inference feeds for a
+    prompt that training saw as these segments, so both see the same ids."""
+    return [i for piece in tokenize_segments([texts], tokenizer)[0] for i in piece]
+
+
 def encode(
     segments: list[Segment],
     tokenizer: Any,
@@ -49,8 +157,9 @@ def encode(
     add_eos: bool = True,
     add_prefix: bool = True,
 ) -> Encoded:
-    """Tokenise each segment on its own, so the prompt's ids equal what inference will feed the model."""
-    pieces = [tokenizer(seg.text, add_special_tokens=False)["input_ids"] for seg in segments]
+    """Tokenise each segment (`tokenize_segments`), so the prompt's ids equal what inference will feed
+    the model."""
+    pieces = tokenize_segments([[seg.text for seg in segments]], tokenizer)[0]
     return assemble(
         pieces, segments, tokenizer, max_length, truncation_side, train_on_prompt, add_eos, add_prefix
     )
@@ -139,12 +248,9 @@ def encode_many(
     add_prefix: bool = True,
 ) -> list[Encoded]:
     """`encode` for many examples, tokenised in batches; the results are identical to `encode`'s."""
-    flat = tokenize_texts([seg.text for segments in segment_lists for seg in segments], tokenizer)
+    ids = tokenize_segments([[seg.text for seg in segments] for segments in segment_lists], tokenizer)
     out: list[Encoded] = []
-    at = 0
-    for segments in segment_lists:
-        pieces = flat[at : at + len(segments)]
-        at += len(segments)
+    for segments, pieces in zip(segment_lists, ids):
         out.append(
             assemble(
                 pieces, segments, tokenizer, max_length, truncation_side, train_on_prompt, add_eos, add_prefix

@@ -358,7 +358,7 @@ def evaluate_contender(
 ) -> ModelResult:
     """Load (or take a loaded `Generator`), generate for every example, score, analyse, and measure
     the loss of the references."""
-    from tunelab.generate import Generator
+    from tunelab.generate import Generator, RenderedPrompt
     from tunelab.models import resolve_source
 
     started = time.perf_counter()
@@ -377,9 +377,11 @@ def evaluate_contender(
             pick_shots(train_pool or [], contender.shots, settings.seed, examples) if contender.shots else []
         )
         segs = [segments(ex, template, gen.tokenizer, shots) for ex in examples]
-        prompts = ["".join(s.text for s in seg[:-1]) for seg in segs]
+        # Each prompt keeps its segments, so generation tokenises them as training tokenises them.
+        rendered = [RenderedPrompt([s.text for s in seg[:-1]]) for seg in segs]
+        prompts = [str(p) for p in rendered]
         stop = shot_stops(template) if shots else None
-        generations = _generate(gen, prompts, settings, stop, label or contender.spec)
+        generations = _generate(gen, rendered, settings, stop, label or contender.spec)
         rules = error_rules.ErrorRules(format_regex=settings.format_regex)
         predictions = _predictions(
             examples, generations, prompts, metrics, rules, label or label_for(contender.spec)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.templates import Template
-from tunelab.data.tokenize import special_prefix
+from tunelab.data.templates import Template, chat_prompt_pieces
+from tunelab.data.tokenize import sequence_ids, special_prefix
 from tunelab.errors import ModelLoadError
 from tunelab.generate import Generator
 
@@ -55,13 +55,18 @@ def completion_ids(gen: Generator, text: str, raw: bool = False) -> list[int]:
     """Token ids exactly as `Generator.generate` builds them, so greedy answers match `tunelab generate`."""
     tok = gen.tokenizer
     prefix = [] if _is_chat_run(gen) else special_prefix(tok)
-    return prefix + tok(text if raw else gen.render(text), add_special_tokens=False)["input_ids"]
+    return prefix + sequence_ids([text] if raw else gen.pieces(text), tok)
 
 
 def chat_ids(gen: Generator, messages: list[dict[str, str]]) -> list[int]:
+    """A chat run's conversation tokenised turn by turn as chat training tokenised it; a plain model's
+    (no training to agree with) as one text."""
     if uses_history(gen):
-        text = gen.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+        tok = gen.tokenizer
+        if _is_chat_run(gen):
+            return sequence_ids(chat_prompt_pieces(tok, messages), tok)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return sequence_ids([text], tok)
     last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
     return completion_ids(gen, last_user)
 

@@ -1,0 +1,174 @@
+"""SentencePiece-style tokenizers (Llama 2, Mistral, TinyLlama) put a dummy prefix "▁" before every
+call's text. Training tokenises an example segment by segment, so each later segment (the answer after
+"### Answer:\\n", each later turn of a chat) used to gain a "▁" running text never has, and the prompt
+ids training built differed from those inference fed. Here: the ids training builds are the running
+text's, inference feeds the ids training saw for the same row, and byte-level tokenizers keep theirs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import LLAMA2_CHAT, ZEPHYR_CHAT, build_sp_tokenizer
+from tunelab.data import templates
+from tunelab.data.dataset import encode_records
+from tunelab.data.schema import Record
+from tunelab.data.templates import Segment
+from tunelab.data.tokenize import IGNORE, encode, encode_many
+from tunelab.generate import Generator, RenderedPrompt
+
+STYLES = ["legacy", "always", "first"]
+QA = {"question": "What is the capital of France?", "answer": "Paris"}
+ALPACA = {"instruction": "Name the capital.", "input": "France", "output": "The capital is Paris."}
+CHAT = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "What is the capital of Peru?"},
+    {"role": "assistant", "content": "Lima"},
+]
+CHATS = {"llama2": LLAMA2_CHAT, "zephyr": ZEPHYR_CHAT}
+TOKENIZERS = [build_sp_tokenizer(style) for style in STYLES]
+
+
+@pytest.fixture(scope="module", params=STYLES)
+def sp(request):
+    return build_sp_tokenizer(request.param)
+
+
+def sp_with(style: str, chat: str):
+    return build_sp_tokenizer(style, CHATS[chat])
+
+
+def ids(tok, text: str, special: bool = False) -> list[int]:
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def generator(tok, template) -> Generator:
+    return Generator(SimpleNamespace(config=SimpleNamespace()), tok, template)  # no model: ids only
+
+
+def last_answer_start(labels: list[int]) -> int:
+    """Where the last trained run of labels begins: the prompt ids inference feeds end there."""
+    end = max(i for i, label in enumerate(labels) if label != IGNORE)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return start
+
+
+@pytest.mark.parametrize(("name", "row"), [("qa", QA), ("alpaca", ALPACA)])
+def test_a_template_example_trains_on_the_running_text(sp, name, row):
+    template = templates.resolve(name, name)
+    [enc] = encode_records([Record("t.jsonl", 1, row)], template, sp, 512)
+    prompt, answer = templates.render(Record("t.jsonl", 1, row), template)
+    # BOS, the text as it runs (no "▁" between prompt and answer), EOS.
+    assert enc.input_ids[0] == sp.bos_token_id and enc.input_ids[-1] == sp.eos_token_id
+    assert sp.decode(enc.input_ids[1:-1]) == prompt.text + answer.text
+    start = last_answer_start(enc.labels)
+    # The answer is the running text's continuation ("Par" "is" after "Answer:\n", not "▁Paris"):
+    # what the model must generate after the prompt inference feeds.
+    assert not sp.convert_ids_to_tokens(enc.input_ids[start]).startswith("▁")
+    assert enc.input_ids[:start] == ids(sp, prompt.text, special=True)
+    assert enc.input_ids[:start] == generator(sp, template).prompt_ids([row], 8)[0]
+    if name == "qa":  # no merge across "Answer:\n" | "Paris" here: exactly the running text's ids
+        assert enc.input_ids == ids(sp, prompt.text + answer.text, special=True) + [sp.eos_token_id]
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("chat", ["llama2", "zephyr"])
+def test_a_multi_turn_chat_trains_on_the_running_texts_ids_and_inference_feeds_its_prompt(style, chat):
+    from tunelab.serve.models import chat_ids
+
+    tok = sp_with(style, chat)
+    template = templates.resolve("chat", "messages")
+    [enc] = encode_records([Record("t.jsonl", 1, {"messages": CHAT})], template, tok, 512)
+    text = tok.apply_chat_template(CHAT, tokenize=False)
+    assert enc.input_ids == ids(tok, text)  # the template writes its own BOS
+    start = last_answer_start(enc.labels)
+    gen = generator(tok, template)
+    assert gen.prompt_ids([{"messages": CHAT}], 8)[0] == enc.input_ids[:start]
+    assert chat_ids(gen, CHAT[:-1]) == enc.input_ids[:start]  # the server and `tunelab chat`
+
+
+@pytest.mark.parametrize("name", ["qa", "alpaca"])
+def test_the_server_feeds_a_template_runs_training_prompt(sp, name):
+    from tunelab.serve.models import completion_ids
+
+    template = templates.resolve(name, name)
+    row = {"qa": QA, "alpaca": {**ALPACA, "input": ""}}[name]
+    [enc] = encode_records([Record("t.jsonl", 1, row)], template, sp, 512)
+    question = row["question" if name == "qa" else "instruction"]
+    assert completion_ids(generator(sp, template), question) == enc.input_ids[: last_answer_start(enc.labels)]
+
+
+def test_few_shot_evaluation_feeds_the_prompt_its_loss_scores(sp):
+    from tunelab.evaluate.predict import Example, segments
+
+    def example(q: str, a: str) -> Example:
+        row = {"question": q, "answer": a}
+        return Example(q, a, Record("t.jsonl", 1, row), "qa", row)
+
+    template = templates.resolve("qa", "qa")
+    segs = segments(
+        example("Capital of Peru?", "Lima"), template, sp, [example("Capital of Chile?", "Santiago")]
+    )
+    enc = encode(segs, sp, 512)
+    prompt = generator(sp, template).prompt_ids([RenderedPrompt([s.text for s in segs[:-1]])], 8, raw=True)[0]
+    assert prompt == enc.input_ids[: last_answer_start(enc.labels)]
+    assert sp.decode(enc.input_ids[1:]) == "".join(s.text for s in segs) + "</s>"
+
+
+def test_dummy_prefix_is_seen_by_behaviour(sp, tokenizer):
+    from tunelab.data.tokenize import adds_dummy_prefix
+
+    assert adds_dummy_prefix(sp)
+    assert not adds_dummy_prefix(tokenizer)  # byte-level BPE: segments keep their own ids
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            ["\n", "\n\n", " ", "Paris", " Lima.", "### Answer:\n", "</s>", "<s>[INST]", "é東", "\x1e"]
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_segments_decode_to_their_running_text(texts):
+    """Whatever the segments start with (text an anchor merges with, a special token, a space), their
+    ids decode to the joined text: no spurious "▁" between them."""
+    from tunelab.data.tokenize import sequence_ids
+
+    for tok in TOKENIZERS:
+        assert tok.decode(sequence_ids(texts, tok)) == tok.decode(ids(tok, "".join(texts)))
+
+
+def test_batched_encoding_equals_encode_past_the_fast_batch(sp):
+    """More texts than one batch, so `tokenize_texts` takes the Rust batch encoder."""
+    rows = [
+        [Segment(f"### Question:\nq{i}?\n\n### Answer:\n", False), Segment(f"a{i}", True)] for i in range(700)
+    ]
+    rows.append(
+        [Segment("x", False), Segment("\n\nParis", True), Segment("</s>", False), Segment("\n", True)]
+    )
+    assert encode_many(rows, sp, 64) == [encode(r, sp, 64) for r in rows]
+
+
+def test_data_check_counts_the_ids_training_builds(sp):
+    from tunelab.data.check import Settings, _encode_split
+
+    template = templates.resolve("qa", "qa")
+    records = [
+        Record("t.jsonl", i, {"question": f"Capital number {i}?", "answer": "Paris " * i})
+        for i in range(1, 9)
+    ]
+    stats, encoded = _encode_split(records, template, sp, Settings(max_length=24))
+    assert encoded == encode_records(records, template, sp, 24)
+    whole = encode_records(records, template, sp, 10_000)
+    assert stats.total_tokens.max == max(len(e.input_ids) for e in whole)
+    assert stats.tokens == sum(len(e.input_ids) for e in encoded)
+    assert stats.truncated == sum(len(e.input_ids) > 24 for e in whole)
