@@ -416,3 +416,21 @@ def test_an_unfinished_run_says_what_can_be_done_with_it(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         resolve_source(str(run))
     assert f"tunelab train --resume {run}" in e.value.hint
+
+
+@pytest.mark.parametrize(("steps", "ratio", "lrs"), [(1, 0.6, [1e-2]), (2, 0.9, [0.0, 1e-2])])
+def test_a_warmup_as_long_as_the_run_is_shortened_and_said(
+    llama_dir, qa_file, tmp_path, capsys, steps, ratio, lrs
+):
+    """A 1-step run with warmup_ratio 0.6 warmed up over its only step: it trained at lr 0 (the
+    weights never moved), silently; 2 steps at 0.9 never reached train.lr."""
+    run = fit(llama_dir, qa_file, tmp_path / "r", max_steps=steps, lr=1e-2, warmup_ratio=ratio, eval_every=0)
+    records = metrics(run.path)
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx(lrs)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals[-1] != evals[0]  # the weights moved
+    err = capsys.readouterr().err
+    assert f"note: train.warmup_ratio {ratio} of {steps} steps warms up to the end" in err
+    assert f"warming up over {steps - 1} steps instead" in err
+    fit(llama_dir, qa_file, tmp_path / "r2", max_steps=4, lr=1e-2, warmup_ratio=0.5, eval_every=0)
+    assert "warmup_ratio" not in capsys.readouterr().err

@@ -277,6 +277,16 @@ def train(
             f"(--train.save_every below {total_steps} writes them)",
             file=sys.stderr,
         )
+    # Warmup starts at lr 0 (step 1, as in transformers' schedules): a warmup as long as the run would
+    # train every step below the peak and a 1-step run at 0, so the last step always comes after it.
+    warmup = min(round(cfg.warmup_ratio * total_steps), total_steps - 1)
+    if warmup < round(cfg.warmup_ratio * total_steps) and dist.is_main:
+        print(
+            f"note: train.warmup_ratio {cfg.warmup_ratio} of {total_steps} steps warms up to the end of "
+            "the run (step 1 at lr 0, no step at train.lr): warming up over "
+            f"{warmup} steps instead, so the last step trains at train.lr (a lower warmup_ratio sets a shorter warmup)",
+            file=sys.stderr,
+        )
     seed_everything(cfg.seed)
     if cfg.gradient_checkpointing:
         checkpoint_activations(model)
@@ -302,7 +312,7 @@ def train(
     short_run_rule = compiled and cfg.compile == "auto" and dist.world_size == 1
     optimizer = _optimizer(model, cfg, device)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
-    scheduler = get_scheduler(schedule, optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = get_scheduler(schedule, optimizer, warmup, total_steps)
     trainable, total_params = count_parameters(model)
     flops_per_token = 6 * total_params  # forward + backward, as in BENCH.md's MFU
     peak = peak_flops(device)
