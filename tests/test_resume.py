@@ -531,3 +531,61 @@ def test_a_save_every_the_run_never_reaches_is_said(llama_dir, data, tmp_path, c
     assert not (run / "checkpoints").exists()
     assert cli.main([*args, "--train.max_steps=3", "--train.save_every=2", "--overwrite"]) == 0
     assert "save_every" not in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """The process killed at this point (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("kill_at", ["writing", "rename old aside", "rename new in", "remove old"])
+def test_replacing_best_survives_a_kill_at_every_point(kill_at, monkeypatch, tmp_path):
+    """best/ was replaced by removing it, then renaming best.tmp: a kill in between left best.tmp
+    and no best/ (the run's best model gone from where it is looked for)."""
+    best = tmp_path / "best"
+
+    def write(content: str, kill: bool = False) -> None:
+        with checkpoint.atomic_dir(best) as tmp:
+            (tmp / "model.txt").write_text(content)
+            if kill and kill_at == "writing":
+                raise Killed
+
+    write("old")  # the best model so far
+    renames = []
+    real_rename, real_rmtree = Path.rename, shutil.rmtree
+
+    def rename(self, target):
+        renames.append(Path(target).name)
+        if (kill_at, len(renames)) in (("rename old aside", 1), ("rename new in", 2)):
+            raise Killed
+        return real_rename(self, target)
+
+    def rmtree(path, *args, **kwargs):
+        if kill_at == "remove old" and Path(path).name == "best.old":
+            (Path(path) / "model.txt").unlink()  # halfway through
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(Killed):
+        write("new", kill=True)
+    monkeypatch.undo()
+    # The next start (resume) finishes the replacement: one whole best/, nothing left beside it.
+    checkpoint.recover(best)
+    expected = "old" if kill_at in ("writing", "rename old aside") else "new"
+    assert (best / "model.txt").read_text() == expected
+    assert not (tmp_path / "best.old").exists()
+    write("newer")  # and the next write replaces it
+    assert (best / "model.txt").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_resume_finishes_an_interrupted_replacement_of_best(reference, tmp_path):
+    """Killed between moving the old best/ aside and renaming the new one in: resume puts it back."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["full"], run)
+    shutil.rmtree(run / "final")
+    shutil.copytree(run / "best", run / "best.old")
+    (run / "best").rename(run / "best.tmp")
+    runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+    assert (run / "best").is_dir() and not (run / "best.old").exists() and not (run / "best.tmp").exists()

@@ -195,6 +195,9 @@ def run(
     resume_from = None
     if resume is not None:
         run_dir = Path(resume)
+        if dist.is_main:  # a replacement of best/ or final/ that a kill interrupted is finished
+            for folder in ("best", "final"):
+                checkpoint.recover(run_dir / folder)
         found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
         if not found and (run_dir / "final").is_dir():
             raise TunelabError(

@@ -9,7 +9,8 @@ Under several processes rank 0 writes the same whole checkpoint (plus every rank
 run resumes under any world size (training/distributed.py).
 
 It is written to `step-NNNNNN.tmp/`, every file fsynced, then renamed: a kill at any moment leaves
-either a whole checkpoint or a `.tmp` folder that resume ignores and the next save removes.
+either a whole checkpoint or a `.tmp` folder that resume ignores and the next save removes. A folder
+that is replaced (`best/`) is moved aside to `.old` first and removed last (`atomic_dir`, `recover`).
 """
 
 from __future__ import annotations
@@ -84,10 +85,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def recover(final: Path) -> None:
+    """Finish a replacement of `final` that a kill interrupted (see `atomic_dir`): with `final`
+    gone, `<final>.old` means the new `<final>.tmp` was whole (the old one is moved aside only
+    then), so it takes the place (or, without it, the old one goes back); a `.old` beside a
+    `final` is a leftover."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        (tmp if tmp.is_dir() else old).rename(final)
+        _fsync(final.parent)
+    if final.exists() and old.exists():
+        shutil.rmtree(old)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a fresh `<final>.tmp` folder to write into; on success it replaces `final` whole."""
-    tmp = final.with_name(final.name + ".tmp")
+    """Yield a fresh `<final>.tmp` folder to write into; on success it replaces `final` whole: the
+    old one is renamed to `<final>.old`, the new one into place, then the old one removed, so a kill
+    at any moment leaves a whole `final` or one that `recover` puts back."""
+    recover(final)  # a replacement a kill interrupted: its `.tmp` may be the only new copy
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a killed write
     tmp.mkdir(parents=True)
@@ -95,10 +112,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     for f in tmp.rglob("*"):
         if f.is_file():
             _fsync(f)
+    _fsync(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)
     tmp.rename(final)  # atomic on one filesystem
     _fsync(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def training_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
