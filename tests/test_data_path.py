@@ -409,3 +409,12 @@ def test_a_long_pretraining_document_gives_no_indexing_warning(tokenizer, caplog
         transformers.logging.disable_propagation()
     assert len(chunks) > 1 and all(len(c.input_ids) <= 64 for c in chunks)
     assert not [r for r in caplog.records if "indexing errors" in r.getMessage()]
+
+
+def test_an_empty_document_is_called_so_not_a_completion(tmp_path):
+    """A text row (a pretraining document) with empty text was refused as an 'empty completion'."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "a document"}] * 5 + [{"text": " \n"}])
+    with pytest.raises(DataError) as e:
+        load_records(str(f))
+    assert (e.value.line, e.value.field) == (6, "text")
+    assert "empty text: no document to train on" in e.value.reason and "completion" not in e.value.reason

@@ -169,7 +169,10 @@ def to_record(row: Row, schema: str, fields: dict[str, str]) -> Record:
     if target and not values[target].strip():
         column = fields.get(target, target)
         raise DataError(
-            "empty completion: no answer to train on or score against",
+            # text rows are documents (pretraining, template none): no completion, no answer
+            "empty text: no document to train on"
+            if schema == "text"
+            else "empty completion: no answer to train on or score against",
             source=row.source,
             line=row.line,
             field=column,
