@@ -589,3 +589,30 @@ def test_resume_finishes_an_interrupted_replacement_of_best(reference, tmp_path)
     (run / "best").rename(run / "best.tmp")
     runner.run(runner.config_for_resume(run), quiet=True, resume=run)
     assert (run / "best").is_dir() and not (run / "best.old").exists() and not (run / "best.tmp").exists()
+
+
+def test_a_checkpoint_from_before_newer_meta_resumes_and_says_what_it_could_not_check(
+    reference, tmp_path, capsys
+):
+    """A checkpoint whose meta.json predates the eval fingerprint, the train and adapter settings
+    and the window's token count resumes, saying which checks it skipped."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["lora"], run)
+    shutil.rmtree(run / "final")
+    newest = checkpoint.complete_checkpoints(run / "checkpoints")[-1]
+    meta = json.loads((newest / checkpoint.META_FILE).read_text())
+    for key in ("eval_data", "train", "lora", "compiled"):
+        del meta[key]
+    meta["loss_window"] = meta["loss_window"][:2]
+    (newest / checkpoint.META_FILE).write_text(json.dumps(meta))
+    capsys.readouterr()
+    result = runner.run(runner.config_for_resume(run), quiet=True, resume=run)
+    assert result.steps == STEPS and (run / "final").is_dir()
+    err = capsys.readouterr().err
+    assert (
+        "was written by an older tunelab and does not record the evaluation data, the train settings" in err
+    )
+    assert "the adapter's lora.alpha and lora.dropout: resuming without checking" in err
+    # The weights are the uninterrupted run's: only what is checked was missing, not what is restored.
+    got, want = load_file(weights_file(run)), load_file(weights_file(reference["lora"]))
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -265,6 +265,16 @@ def changes(
     return out
 
 
+def unchecked(meta: dict[str, Any], adapter: bool) -> list[str]:
+    """What a checkpoint written before its meta.json kept it cannot be checked against on resume."""
+    kept = {
+        "eval_data": "the evaluation data",
+        "train": "the train settings (lr, schedule, seed, batch size, ...)",
+        **({"lora": "the adapter's lora.alpha and lora.dropout"} if adapter else {}),
+    }
+    return [what for key, what in kept.items() if key not in meta]
+
+
 def load(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG states; returns meta.json."""
     state, meta = read(path)

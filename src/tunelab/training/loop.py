@@ -371,6 +371,14 @@ def train(
                 "one); to train with new ones, let this run finish (resume it as it was), then start a new "
                 "run from it with `tunelab train --from RUN`",
             )
+        skipped = checkpoint.unchecked(meta, checkpoint.adapter_settings(model) is not None)
+        if skipped and dist.is_main:
+            print(
+                f"note: {resume_from} was written by an older tunelab and does not record "
+                f"{', '.join(skipped)}: resuming without checking that they are unchanged (keep the "
+                "run's config.yaml and data as they were)",
+                file=sys.stderr,
+            )
         if log.path is not None:  # only now: a refused resume leaves the run as it was
             # metrics.jsonl as it was at the checkpoint (the logger appends to it from here).
             checkpoint.restore_metrics(resume_from, log.path)
