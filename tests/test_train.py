@@ -434,3 +434,18 @@ def test_a_warmup_as_long_as_the_run_is_shortened_and_said(
     assert f"warming up over {steps - 1} steps instead" in err
     fit(llama_dir, qa_file, tmp_path / "r2", max_steps=4, lr=1e-2, warmup_ratio=0.5, eval_every=0)
     assert "warmup_ratio" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sampling_options_at_temperature_0_are_said_to_be_ignored(command, tmp_path, capsys):
+    """--top-p and --seed at temperature 0 (greedy: nothing is sampled) changed nothing, silently."""
+    missing = str(tmp_path / "nope")  # the note comes before the model loads (and fails here)
+    extra = ["hi"] if command == "generate" else []
+    seed = ["--seed", "3"] if command == "generate" else []  # (chat has no --seed)
+    main([command, missing, *extra, "--top-p", "0.9", *seed])
+    err = capsys.readouterr().err
+    said = "--top-p 0.9, --seed 3 ignored" if seed else "--top-p 0.9 ignored"
+    assert f"note: {said}: --temperature is 0, greedy decoding" in err
+    main([command, missing, *extra, "--top-p", "0.9", *seed, "--temperature", "0.7"])
+    main([command, missing, *extra])
+    assert "ignored" not in capsys.readouterr().err

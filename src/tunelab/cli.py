@@ -132,9 +132,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tunelab.generate import Generator, check_decoding, prompt_of, read_prompts
+    from tunelab.generate import Generator, check_decoding, note_unused_sampling, prompt_of, read_prompts
 
     check_decoding(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
+    note_unused_sampling(args.temperature, args.top_p, args.seed)
     if args.file and args.prompt is not None:
         raise TunelabError(
             "both a prompt and --file were given", 'give one: tunelab generate RUN "question", or --file F'

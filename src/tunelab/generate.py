@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,18 @@ def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise TunelabError(
             f"temperature {temperature}, top_p {top_p}: expected temperature >= 0 (0 = greedy) "
             "and 0 < top_p <= 1"
+        )
+
+
+def note_unused_sampling(temperature: float, top_p: float, seed: int | None = None) -> None:
+    """Say that sampling options given with temperature 0 change nothing (greedy decoding draws no
+    random numbers and keeps no nucleus); `seed` None = not given or not only for sampling."""
+    unused = [f"--top-p {top_p}"] * (top_p != 1.0) + [f"--seed {seed}"] * (seed is not None)
+    if temperature == 0 and unused:
+        print(
+            f"note: {', '.join(unused)} ignored: --temperature is 0, greedy decoding (the likeliest "
+            "token each time, nothing sampled); a --temperature above 0 samples with them",
+            file=sys.stderr,
         )
 
 

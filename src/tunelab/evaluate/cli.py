@@ -146,9 +146,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _settings(args: argparse.Namespace):
     from tunelab.evaluate.predict import EvalSettings
-    from tunelab.generate import check_decoding
+    from tunelab.generate import check_decoding, note_unused_sampling
 
     check_decoding(args.max_new_tokens, args.temperature, args.top_p)  # before any model loads
+    note_unused_sampling(args.temperature, args.top_p)  # (--seed also picks few-shot rows, bootstraps)
     return EvalSettings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

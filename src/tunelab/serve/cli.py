@@ -164,9 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.chat import chat_loop
-    from tunelab.generate import Generator, check_decoding
+    from tunelab.generate import Generator, check_decoding, note_unused_sampling
 
     check_decoding(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
+    note_unused_sampling(args.temperature, args.top_p)
     gen = Generator.load(args.model, device=args.device)
     return chat_loop(
         gen,
