@@ -294,3 +294,16 @@ def test_a_data_key_of_the_other_task_is_refused(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data:\n  max_length: 128\n")
     assert load_config(recipe, values={"task": "pretrain"}).data.max_length == 128
+
+
+def test_keep_last_without_save_every_is_said(capsys):
+    """train.keep_last given without train.save_every kept nothing (no checkpoint is written),
+    silently."""
+    load_config(overrides=["--train.keep_last=5"])
+    err = capsys.readouterr().err
+    assert "note: train.keep_last 5 ignored: train.save_every is None, so no checkpoint is written" in err
+    load_config(values={"train.keep_last": 1, "train.save_every": 0})
+    assert "train.keep_last 1 ignored" in capsys.readouterr().err
+    load_config(overrides=["--train.keep_last=5", "--train.save_every=10"])
+    load_config(overrides=["--train.save_every=10"])
+    assert capsys.readouterr().err == ""

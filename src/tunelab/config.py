@@ -320,6 +320,12 @@ def load_config(
             "trains, no adapter); --train.method=lora (or dora, qlora) trains an adapter",
             file=sys.stderr,
         )
+    if "train.keep_last" in given and not cfg.train.save_every:
+        print(
+            f"note: train.keep_last {cfg.train.keep_last} ignored: train.save_every is "
+            f"{cfg.train.save_every}, so no checkpoint is written (--train.save_every=N writes one every N steps)",
+            file=sys.stderr,
+        )
     return cfg
 
 
