@@ -449,3 +449,14 @@ def test_sampling_options_at_temperature_0_are_said_to_be_ignored(command, tmp_p
     main([command, missing, *extra, "--top-p", "0.9", *seed, "--temperature", "0.7"])
     main([command, missing, *extra])
     assert "ignored" not in capsys.readouterr().err
+
+
+def test_eval_every_without_evaluation_data_is_said(llama_dir, qa_file, tmp_path, capsys):
+    """train.eval_every with data.eval_ratio 0 and no eval_path evaluated nothing, silently."""
+    fit(llama_dir, qa_file, tmp_path / "r", max_steps=2, eval_every=1, eval_ratio=0.0)
+    err = capsys.readouterr().err
+    assert "note: train.eval_every 1 ignored: there is no evaluation data" in err
+    assert not (tmp_path / "r" / "best").exists()
+    fit(llama_dir, qa_file, tmp_path / "r2", max_steps=2, eval_ratio=0.0)  # eval_every unset
+    fit(llama_dir, qa_file, tmp_path / "r3", max_steps=2, eval_every=1)  # evaluation data there
+    assert "eval_every" not in capsys.readouterr().err

@@ -224,6 +224,13 @@ def run(
             + (f", max_length {cfg.data.max_length:,}" if cfg.task == "sft" else ""),
             file=sys.stderr,
         )
+    if cfg.train.eval_every is not None and not eval_ex and dist.is_main:
+        print(
+            f"note: train.eval_every {cfg.train.eval_every} ignored: there is no evaluation data (no "
+            f"data.eval_path, and data.eval_ratio {cfg.data.eval_ratio} split off no example), so nothing is "
+            "evaluated and no best/ model is written (a data.eval_path, or an eval_ratio that splits rows off, evaluates)",
+            file=sys.stderr,
+        )
     method = cfg.train.method
     device = pick_device(cfg.model.device)
     quantization = quantization_config(method, device)  # QLoRA without a GPU stops before a run dir exists
