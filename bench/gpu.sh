@@ -127,8 +127,12 @@ run_item() {
     # The fused head at 1,024 positions a chunk instead of 256: a quarter of the head-weight traffic
     # (estimated ~25 ms of a qwen0.5b step at 256), ~0.5 GiB more peak memory.
     abl_siblings) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method lora --lora-forward single ;;
+    # The adapters in bf16 like the base: no fp32->bf16 cast of each adapter weight in every forward, nor
+    # back in the backward. Inductor's CPU code for a qwen2 layer, forward + backward: 33 kernels full,
+    # 86 LoRA (77 with siblings), of which the casts are 14 forward and 4 backward.
+    abl_lora_bf16) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method lora --lora-dtype model ;;
     abl_chunk) item "ablation $1" 100 - "${speed[@]}" "${q[@]}" --method full --head-chunk 1024 ;;
-    ablations) for a in abl_head abl_flex abl_mask abl_nearest abl_peft abl_siblings abl_plainhead abl_chunk; do run_item $a; done ;;
+    ablations) for a in abl_head abl_flex abl_mask abl_nearest abl_peft abl_siblings abl_lora_bf16 abl_plainhead abl_chunk; do run_item $a; done ;;
     *) echo "unknown item $1"; exit 2 ;;
   esac
 }
@@ -139,7 +143,7 @@ items=("$@")
 # beside it on the same card (the H100 run had no time left for it), the CUDA tests (the sync count
 # never ran), LoRA profiled, whole-model compile, then the rest. One 600 s call reaches about
 # qwen_whole; a second, `bash bench/gpu.sh ITEM ...`, takes what was skipped.
-[ ${#items[@]} -gt 0 ] || items=(qwen_full abl_nearest qwen_peer tests qwen_lora abl_siblings abl_chunk qwen_whole llama_full
+[ ${#items[@]} -gt 0 ] || items=(qwen_full abl_nearest qwen_peer tests qwen_lora abl_siblings abl_lora_bf16 abl_chunk qwen_whole llama_full
   llama_peer llama_lora abl_mask abl_plainhead qwen_eager qwen_gc llama_gc abl_head abl_peft abl_flex)
 for it in "${items[@]}"; do run_item "$it"; done
 python3 bench/summarize.py "$out" | tee "$out/summary.md"

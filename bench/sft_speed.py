@@ -87,6 +87,11 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         )
     if args.method != "full":
         model = apply_lora(model, args.method, 16, 32, args.lora_dropout, "all-linear", [])
+        if args.lora_dtype == "model":  # the adapters in the base's dtype: no casts, bf16 AdamW
+            dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(dtype)
     examples = make_examples(4000, spec["vocab_size"], short=args.model == "world")
     # --eval-every: a run as users run it, evaluating (its time is in overhead_s, its graphs in graphs)
     held_out = (
@@ -126,6 +131,7 @@ def run_tunelab(args: argparse.Namespace) -> dict:
         + (f"_dropout{args.lora_dropout:g}" if args.method != "full" and args.lora_dropout else "")
         + ("_peftforward" if args.method != "full" and args.lora_forward == "peft" else "")
         + ("_nosiblings" if args.method != "full" and args.lora_forward == "single" else "")
+        + ("_adaptersinmodeldtype" if args.method != "full" and args.lora_dtype == "model" else "")
         + ("_nearest" if args.bf16_rounding == "nearest" else "")
         + (f"_eval{args.eval_every}" if args.eval_every else ""),
         "model": args.model,
@@ -329,6 +335,15 @@ def main() -> None:
         "peft = PEFT's own LoRA forward",
     )
     p.add_argument(
+        "--lora-dtype",
+        choices=["fp32", "model"],
+        default="fp32",
+        help="fp32 = the adapters in fp32, cast to the base's dtype in every forward (PEFT's default, "
+        "tunelab's); model = the adapters in the base's dtype (bf16 on a GPU: no casts, updated by the "
+        "bf16 AdamW with stochastic rounding, as torchtune and LitGPT keep them), to measure what the "
+        "casts cost",
+    )
+    p.add_argument(
         "--compile-scope",
         choices=["layers", "model"],
         default="layers",
@@ -362,6 +377,7 @@ def main() -> None:
                "--attention", args.attention, "--head", args.head, "--head-chunk", str(args.head_chunk)]  # fmt: skip
         cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing + ["--profile"] * args.profile
         cmd += ["--lora-dropout", str(args.lora_dropout), "--lora-forward", args.lora_forward]
+        cmd += ["--lora-dtype", args.lora_dtype]
         cmd += ["--bf16-rounding", args.bf16_rounding, "--compile-scope", args.compile_scope]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
