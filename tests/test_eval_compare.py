@@ -349,7 +349,7 @@ def test_eval_reads_other_column_names_from_the_command_line_or_the_run(tmp_path
 
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps({"q": r["question"], "a": r["answer"]}) + "\n" for r in ROWS[:2]))
-    common = ["--max-new-tokens", "2", "--quiet", "--no-loss", "--bootstrap", "50"]
+    common = ["--max-new-tokens", "2", "--quiet", "--no-loss", "--bootstrap", "200"]
     model = str(tiny_models["llama"])
     assert main(["eval", model, "--data", str(data), "--out", str(tmp_path / "a"), *common]) == 2
     assert "cannot tell the schema" in capsys.readouterr().err
@@ -390,18 +390,32 @@ def test_eval_cuts_long_rows_as_the_run_did_so_its_loss_is_trainings(llama_dir, 
     )  # fmt: skip
     trained = [r["eval_loss"] for r in run.metrics() if "eval_loss" in r][-1]
     args = ["eval", str(run.path), "--data", str(held), "--no-base", "--max-new-tokens", "1", "--quiet"]
-    assert main([*args, "--bootstrap", "20"]) == 0
+    assert main([*args, "--bootstrap", "200"]) == 0
     summary = json.loads((run.path / "eval" / "summary.json").read_text())
     assert summary["models"]["run"]["loss"] == pytest.approx(trained, rel=1e-5)
 
 
 @pytest.mark.parametrize(
-    "flag", ["--bootstrap=0", "--batch-size=0", "--limit=-2", "--show=-1", "--judge-retries=-1"]
+    "flag",
+    ["--bootstrap=0", "--bootstrap=199", "--batch-size=0", "--limit=-2", "--show=-1", "--judge-retries=-1"],
 )
 def test_eval_refuses_counts_below_their_least(flag, capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["eval", "some-run", "--data", "t.jsonl", flag])
     assert f"argument {flag.split('=')[0]}: expected an integer >= " in capsys.readouterr().err
+
+
+def test_a_bootstrap_of_a_handful_of_resamples_is_refused(capsys):
+    """--bootstrap 1 gave a "95 %" interval from one resample; the least is 200 (5 resamples in each
+    tail), on the command line and in the library, before any model loads."""
+    from tunelab.evaluate import cli
+    from tunelab.evaluate.compare import MIN_BOOTSTRAP
+
+    assert cli.MIN_BOOTSTRAP == MIN_BOOTSTRAP == 200
+    args = _parser().parse_args(["eval", "some-run", "--data", "t.jsonl", "--bootstrap=200"])
+    assert args.bootstrap == 200
+    with pytest.raises(TunelabError, match="give at least 200"):
+        compare(["no-such-model-is-loaded"], ROWS, EvalSettings(device="cpu"), bootstrap=1)
 
 
 def test_generate_refuses_a_prompt_past_the_models_context(llama_dir):
@@ -527,7 +541,7 @@ def test_eval_can_leave_out_bad_test_rows_when_asked(llama_dir, tmp_path, capsys
     args = ["eval", str(llama_dir), "--data", str(test), "--no-base", "--max-new-tokens", "1", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
     assert "--data.on_bad_row=skip" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "b"), "--data.on_bad_row=skip", "--bootstrap", "10"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--data.on_bad_row=skip", "--bootstrap", "200"]) == 0
     err = capsys.readouterr().err
     assert "left out 2 bad rows" in err and "test.jsonl:2" in err and "test.jsonl:5" in err
     summary = json.loads((tmp_path / "b" / "eval" / "summary.json").read_text())

@@ -337,7 +337,7 @@ def test_eval_writes_its_report_when_the_judge_fails_and_exits_1(server, tmp_pat
     out = tmp_path / "out"
     args = ["eval", str(tiny_models["llama"]), "--data", str(data), "--no-base", "--max-new-tokens", "1",
             "--judge", server.url, "--judge-model", "judge-1", "--judge-retries", "0",
-            "--judge-cache", str(tmp_path / "cache"), "--quiet", "--out", str(out), "--bootstrap", "10"]  # fmt: skip
+            "--judge-cache", str(tmp_path / "cache"), "--quiet", "--out", str(out), "--bootstrap", "200"]  # fmt: skip
     assert main(args) == 1
     assert "the judge failed, so the report has no judge figures" in capsys.readouterr().err
     assert len((out / "eval" / "predictions.jsonl").read_text().splitlines()) == 3  # nothing lost

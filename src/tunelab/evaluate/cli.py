@@ -14,6 +14,9 @@ from typing import Any
 from tunelab.errors import TunelabError
 
 # The judge options' defaults: the parser's, and what `_check_unused` takes as "not given".
+# The fewest --bootstrap resamples (compare.MIN_BOOTSTRAP, which says why; not imported: the parser is
+# built on every tunelab command, and compare imports numpy and the models).
+MIN_BOOTSTRAP = 200
 JUDGE_DEFAULTS = {"judge_mode": "rubric", "judge_concurrency": 4, "judge_retries": 4}
 
 
@@ -77,7 +80,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--group-by", metavar="COLUMN", help="break metrics down by this column of the test rows")
     m.add_argument(
-        "--bootstrap", type=_at_least(1), default=1000, help="paired bootstrap resamples for the intervals"
+        "--bootstrap",
+        type=_at_least(MIN_BOOTSTRAP),
+        default=1000,
+        help=f"paired bootstrap resamples for the intervals (at least {MIN_BOOTSTRAP})",
     )
     m.add_argument("--no-loss", action="store_true", help="skip held-out loss / perplexity")
     m.add_argument("--show", type=_at_least(0), default=5, help="side-by-side examples printed")

@@ -35,6 +35,12 @@ from tunelab.evaluate.predict import (
 )
 from tunelab.models import check_loadable
 
+# The fewest bootstrap resamples a 95 % interval is drawn from: its ends are the 2.5th and 97.5th
+# percentiles, so 200 resamples leave 5 in each tail; fewer, and an end is one or two draws (at 1, a
+# "95 % interval" of a single resample). Statistics libraries default to 1000 or more (scipy's
+# `bootstrap` 9999; Efron and Tibshirani ask 1000 or more for percentile intervals).
+MIN_BOOTSTRAP = 200
+
 
 def bootstrap_mean(
     values: list[float], resamples: int = 1000, seed: int = 0, confidence: float = 0.95
@@ -323,6 +329,11 @@ def compare(
     `group_by` can break the metrics down by. `train_rows` feed the few-shot contenders.
     """
     settings = settings or EvalSettings()
+    if bootstrap < MIN_BOOTSTRAP:
+        raise TunelabError(
+            f"bootstrap={bootstrap} resamples: a 95 % interval's ends would be one or two resamples",
+            f"give at least {MIN_BOOTSTRAP} (1000, the default, is what statistics libraries recommend)",
+        )
     if not models:
         raise TunelabError("nothing to evaluate", "give at least one model")
     examples = _as_examples(rows, "<rows>")
