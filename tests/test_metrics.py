@@ -283,3 +283,20 @@ def test_too_long_counts_chinese_and_japanese_characters_as_words():
     assert E.is_too_long(
         "one two three four five six seven eight nine ten eleven twelve thirteen", "Paris.", E.ErrorRules()
     )
+
+
+@pytest.mark.parametrize(
+    ("question", "copy", "answer", "restating"),
+    [
+        ("日本的首都是哪里？", "日本的首都是哪里？我不知道。", "东京。", "日本的首都是哪里？是东京。"),
+        ("日本の首都はどこですか？", "日本の首都はどこですか？ 日本の首都は", "東京です。", "日本の首都はどこですか？東京です。"),
+    ],
+)  # fmt: skip
+def test_copies_prompt_reads_chinese_and_japanese_questions(question, copy, answer, restating):
+    """A question without spaces was one word, under the rule's 3: an answer repeating a Chinese or
+    Japanese question was never copies_prompt. Han and kana now count a character as a word."""
+    assert E.copies_prompt(copy, question, answer)
+    assert not E.copies_prompt(answer, question, answer)
+    assert not E.copies_prompt("首都", question, answer)  # part of the question is no copy
+    assert not E.copies_prompt(restating, question, restating)  # the reference restates it too
+    assert "copies_prompt" in E.analyse(copy, answer, question, "stop")

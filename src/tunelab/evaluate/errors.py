@@ -65,14 +65,20 @@ def is_too_long(prediction: str, reference: str, rules: ErrorRules) -> bool:
     return _length(prediction) > rules.too_long_factor * _length(reference) + rules.too_long_slack
 
 
+def _word_split(text: str) -> str:
+    """Normalised, each Han or kana character a word of its own (as `_length` counts them): Chinese
+    and Japanese write no spaces, so a whole question was one word, under copies_prompt's 3."""
+    return normalize(_CJK.sub(r" \g<0> ", text))
+
+
 def copies_prompt(prediction: str, prompt: str, reference: str = "") -> bool:
     """The (normalised) question appears in the prediction, and not because the reference answer
     itself restates it ("Main language of Belgium?" / "The main language of Belgium is Dutch.");
     questions under 3 words are too short to tell."""
-    q = normalize(prompt)
-    if len(q.split()) < 3 or f" {q} " in f" {normalize(reference)} ":
+    q = _word_split(prompt)
+    if len(q.split()) < 3 or f" {q} " in f" {_word_split(reference)} ":
         return False
-    return f" {q} " in f" {normalize(prediction)} "
+    return f" {q} " in f" {_word_split(prediction)} "
 
 
 def wrong_format(prediction: str, reference: str, regex: str | None = None) -> bool:
