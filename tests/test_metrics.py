@@ -55,6 +55,17 @@ def test_normalised_matches_keep_numbers_and_choice_letters_apart():
     assert exact_match_norm("The capital", "capital") == 1.0  # articles still go beside other words
 
 
+@pytest.mark.parametrize("reference", ["?", "...", " - ", "？！"])
+def test_a_punctuation_only_reference_is_not_matched_by_an_empty_answer(reference):
+    """Normalisation strips punctuation: a reference "?" or "..." became "", which an empty
+    prediction matched. Such a reference is compared as written (whitespace collapsed)."""
+    assert exact_match_norm("", reference) == 0.0 and contains("", reference) == 0.0
+    assert exact_match_norm("Paris", reference) == 0.0
+    assert exact_match_norm(f" {reference.strip()} ", reference) == 1.0
+    assert exact_match_norm("!" if "!" not in reference else "?", reference) == 0.0
+    assert contains(f"it is {reference.strip()} here", reference) == 1.0
+
+
 def test_bleu_splits_chinese_and_japanese_into_characters():
     """sacrebleu's default tokenizer splits on spaces: a Chinese sentence was one word, and a missing
     full stop scored 0."""

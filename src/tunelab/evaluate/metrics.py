@@ -65,11 +65,15 @@ def normalize(text: str, articles: bool = True) -> str:
 
 def _normalized(prediction: str, reference: str) -> tuple[str, str]:
     """Both normalised; where the reference is nothing but an article ("A", "The": a choice's
-    letter), the articles stay, or an empty prediction would match it."""
+    letter), the articles stay, and where it is nothing but punctuation ("?", "..."), both are
+    compared as written (whitespace collapsed): normalised to nothing, an empty prediction matched it."""
     ref = normalize(reference)
-    if not ref and reference.strip():
-        return normalize(prediction, articles=False), normalize(reference, articles=False)
-    return normalize(prediction), ref
+    if ref or not reference.strip():
+        return normalize(prediction), ref
+    ref = normalize(reference, articles=False)
+    if ref:
+        return normalize(prediction, articles=False), ref
+    return " ".join(prediction.split()), " ".join(reference.split())
 
 
 def exact_match(prediction: str, reference: str) -> float:
