@@ -371,6 +371,45 @@ def test_eval_reads_other_column_names_from_the_command_line_or_the_run(tmp_path
     assert json.loads((run / "eval" / "summary.json").read_text())["n_examples"] == 2
 
 
+def test_eval_refuses_column_names_that_map_nothing_as_training_does(tmp_path, tiny_models, capsys):
+    """--data.fields for eval skipped training's check: a role the rows' schema has not (qa has no
+    `input`) or no schema has was dropped without a word. A mapping the run lends that does not fit
+    the test file says it came from the run, and --data.fields={} reads the rows by their own names."""
+    from tunelab.cli import main
+    from tunelab.config import DataConfig, ModelConfig, RunConfig, save_config
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    common = [
+        "--data",
+        str(data),
+        "--max-new-tokens",
+        "2",
+        "--quiet",
+        "--no-loss",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    model = str(tiny_models["llama"])
+    assert main(["eval", model, "--data.fields.input=relation", *common]) == 2
+    assert "data.fields maps 'input', which the qa schema has no role for" in capsys.readouterr().err
+    assert main(["eval", model, "--data.fields.questoin=question", *common]) == 2
+    err = capsys.readouterr().err
+    assert "data.fields maps 'questoin', which no schema has a role for" in err and "'question'?" in err
+    assert main(["eval", model, "--data.fields.answer=anser", *common]) == 2
+    assert "data.fields.answer names column 'anser', which no row has" in capsys.readouterr().err
+
+    run = tmp_path / "run"  # trained on q/a columns; the test file has question/answer
+    shutil.copytree(tiny_models["qwen2"], run / "final")
+    data_cfg = DataConfig(path=str(data), fields={"question": "q", "answer": "a"})
+    save_config(RunConfig(model=ModelConfig(name_or_path=model), data=data_cfg), run / "config.yaml")
+    assert main(["eval", str(run), "--no-base", *common]) == 2
+    err = capsys.readouterr().err
+    assert "the run's own data.fields, question=q, answer=a, lent to the test rows" in err
+    assert "--data.fields={}" in err
+    assert main(["eval", str(run), "--no-base", "--data.fields={}", *common]) == 0
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_eval_cuts_long_rows_as_the_run_did_so_its_loss_is_trainings(llama_dir, tmp_path, side):
     """Rows longer than the run's data.max_length: eval's held-out loss is training's final eval loss

@@ -214,13 +214,15 @@ def _check_regex(pattern: str | None) -> None:
         raise TunelabError(f"--format-regex {pattern!r} is not a valid regular expression: {e}") from None
 
 
-def _data_options(args: argparse.Namespace, trained: Any) -> tuple[dict[str, str], Any]:
-    """Column names for the rows' roles: `--data.fields.ROLE=COLUMN` on the command line, else the
-    `data.fields` the evaluated run trained with (`trained`, its config or None); and what to do
-    with a bad test row, `--data.on_bad_row=error|skip` (default error)."""
+def _data_options(args: argparse.Namespace, trained: Any) -> tuple[dict[str, str], bool, Any]:
+    """Column names for the rows' roles: `--data.fields.ROLE=COLUMN` on the command line (`{}`: the
+    rows' own names), else the `data.fields` the evaluated run trained with (`trained`, its config or
+    None), and whether they are the run's; and what to do with a bad test row,
+    `--data.on_bad_row=error|skip` (default error)."""
     from tunelab.config import parse_override
 
     given: dict[str, str] = {}
+    mapped_here = False
     on_bad_row = "error"
     for arg in getattr(args, "overrides", []):
         keys, value = parse_override(arg)
@@ -233,7 +235,29 @@ def _data_options(args: argparse.Namespace, trained: Any) -> tuple[dict[str, str
                 "as --data.fields.question=q --data.fields.answer=a, or --data.on_bad_row=skip",
             )
         given.update({str(k): str(v) for k, v in value.items()} if len(keys) == 2 else {keys[2]: str(value)})
-    return (given or (dict(trained.data.fields) if trained else {})), on_bad_row
+        mapped_here = True
+    if mapped_here or trained is None or not trained.data.fields:
+        return given, False, on_bad_row
+    return dict(trained.data.fields), True, on_bad_row
+
+
+def _read_examples(path: str, fields: dict[str, str], lent: bool, **kw: Any) -> Any:
+    """The rows of `path`; where a mapping the run lent does not fit them, the error says so."""
+    from tunelab.errors import DataError
+    from tunelab.evaluate.predict import read_examples
+
+    try:
+        return read_examples(path, fields=fields, **kw)
+    except DataError as e:
+        if not lent or not e.reason.startswith(("data.fields", "cannot tell the schema")):
+            raise
+        mapping = ", ".join(f"{k}={v}" for k, v in fields.items())
+        raise DataError(
+            f"{e.reason} (the run's own data.fields, {mapping}, lent to the test rows)",
+            source=e.source,
+            hint="map this file's columns with --data.fields.ROLE=COLUMN, or --data.fields={} to read "
+            "them by their own names",
+        ) from None
 
 
 def _trained_with(models: list[str]) -> Any:
@@ -255,14 +279,13 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
     from rich.console import Console
 
     from tunelab.evaluate.compare import compare
-    from tunelab.evaluate.predict import read_examples
     from tunelab.evaluate.report import write_report
 
     _check_regex(args.format_regex)
     trained = _trained_with(models)
-    fields, on_bad_row = _data_options(args, trained)
-    examples = read_examples(args.data, args.limit, fields, on_bad_row)
-    pool = read_examples(train_data, fields=fields, on_bad_row=on_bad_row) if train_data else None
+    fields, lent, on_bad_row = _data_options(args, trained)
+    examples = _read_examples(args.data, fields, lent, limit=args.limit, on_bad_row=on_bad_row)
+    pool = _read_examples(train_data, fields, lent, on_bad_row=on_bad_row) if train_data else None
     settings = _settings(args)
     if trained is not None and trained.task == "sft":  # every contender's loss cut as the run's was
         settings = dataclasses.replace(

@@ -49,7 +49,9 @@ def examples_from_rows(
     wrapped = [
         r if isinstance(r, formats.Row) else formats.Row(source, i, r) for i, r in enumerate(rows, start=1)
     ]
+    schema.check_fields(wrapped, fields, None, source)  # as training does: a role no schema has
     name = schema.detect_schema(wrapped, fields, source)
+    schema.check_fields(wrapped, fields, name, source)  # a role of another schema, a column no row has
     if name == "text":
         raise DataError(
             "evaluation needs prompt/answer pairs, but the rows are raw text",
