@@ -410,6 +410,35 @@ def test_eval_refuses_column_names_that_map_nothing_as_training_does(tmp_path, t
     assert main(["eval", str(run), "--no-base", "--data.fields={}", *common]) == 0
 
 
+def test_eval_of_a_runs_final_or_best_folder_reads_the_runs_settings(tmp_path, tiny_models, capsys):
+    """`eval RUN/final` (or RUN/best) dropped the run's settings: its column mapping, max_length and,
+    for a full finetune, the base model it is compared with. They are read as for `eval RUN`; best/'s
+    report goes beside final's (RUN/eval-best), not over it. A checkpoint folder says what it is."""
+    from tunelab.cli import main
+    from tunelab.config import DataConfig, ModelConfig, RunConfig, save_config
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"q": r["question"], "a": r["answer"]}) + "\n" for r in ROWS[:2]))
+    run = tmp_path / "run"  # a full finetune of llama (its final/ and best/ hold whole models)
+    for folder in ("final", "best"):
+        shutil.copytree(tiny_models["qwen2"], run / folder)
+        (run / folder / "tunelab_template.json").write_text(json.dumps(dataclasses.asdict(QA)))
+    data_cfg = DataConfig(path=str(data), fields={"question": "q", "answer": "a"}, max_length=40)
+    cfg = RunConfig(model=ModelConfig(name_or_path=str(tiny_models["llama"])), data=data_cfg)
+    save_config(cfg, run / "config.yaml")
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    common = ["--data", str(data), "--max-new-tokens", "2", "--quiet"]
+    for given, out, label in [(run / "final", run, "run"), (run / "best", run / "eval-best", "run/best")]:
+        assert main(["eval", str(given), *common]) == 0, capsys.readouterr().err
+        summary = json.loads((out / "eval" / "summary.json").read_text())
+        assert list(summary["models"]) == ["llama", label] and summary["n_examples"] == 2
+        assert summary["settings"]["max_length"] == 40
+    step = str(run / "checkpoints" / "step-000002")
+    assert main(["eval", step, "--no-base", "--data.fields={question: q, answer: a}", *common]) == 2
+    err = capsys.readouterr().err
+    assert "is a training checkpoint (state to resume from), not a model" in err and "run/best" in err
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_eval_cuts_long_rows_as_the_run_did_so_its_loss_is_trainings(llama_dir, tmp_path, side):
     """Rows longer than the run's data.max_length: eval's held-out loss is training's final eval loss

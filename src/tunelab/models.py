@@ -44,8 +44,22 @@ def world_base_path() -> Path:
     return base_model_dir()
 
 
+# The model folders a run writes; a path to one of them is read with its run's settings.
+RUN_MODEL_FOLDERS = ("final", "best")
+
+
+def _is_run_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists()
+
+
+def run_of(folder: Path) -> Path | None:
+    """The run directory a run's final/ or best/ folder lies in, else None."""
+    return folder.parent if folder.name in RUN_MODEL_FOLDERS and _is_run_dir(folder.parent) else None
+
+
 def resolve_source(name_or_path: str) -> ModelSource:
-    """'world' -> the shipped base; a run dir -> its final/ (base + adapter when it holds one)."""
+    """'world' -> the shipped base; a run dir -> its final/ (base + adapter when it holds one); a
+    run's final/ or best/ -> that folder, with its run (whose config.yaml holds the settings)."""
     if name_or_path == "world":
         return ModelSource(str(world_base_path()))
     if name_or_path.startswith("world:"):
@@ -53,7 +67,7 @@ def resolve_source(name_or_path: str) -> ModelSource:
 
         return ModelSource(resolve_world_path(name_or_path))
     p = Path(name_or_path)
-    if p.is_dir() and (p / "config.yaml").exists() and not (p / "config.json").exists():
+    if _is_run_dir(p):
         final = p / "final"
         if not final.is_dir():
             best = p / "best"
@@ -74,14 +88,21 @@ def resolve_source(name_or_path: str) -> ModelSource:
     if p.is_dir() and (p / "adapter_config.json").exists():
         cfg = json.loads((p / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path") or ""
-        return ModelSource(str(world_base_path()) if base == "world" else base, str(p))
-    return ModelSource(name_or_path)
+        return ModelSource(str(world_base_path()) if base == "world" else base, str(p), run_of(p))
+    return ModelSource(name_or_path, run_dir=run_of(p))
 
 
 def _load_error(name: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     path = Path(name).expanduser()
     if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
+        run = path.parent.parent
+        if path.parent.name == "checkpoints" and _is_run_dir(run):
+            return ModelLoadError(
+                f"'{name}' is a training checkpoint (state to resume from), not a model to load",
+                f"use the run's model: {run} (its final/) or {run / 'best'}; or resume it with "
+                f"`tunelab train --resume {run}`",
+            )
         return ModelLoadError(
             f"'{name}' is a folder with no model in it (no config.json)",
             "pass a folder written by save_pretrained or `tunelab export`, a run directory, or a hub id",

@@ -45,7 +45,8 @@ def _default_out(model: str, kind: str) -> Path:
 
     src = resolve_source(model)
     if src.run_dir is not None:
-        return src.run_dir
+        inner = Path(model).resolve() not in (src.run_dir.resolve(), (src.run_dir / "final").resolve())
+        return src.run_dir / f"{kind}-{Path(model).name}" if inner else src.run_dir  # best/: beside final's
     from tunelab.evaluate.predict import label_for
 
     return Path("runs") / f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '-', label_for(model)).strip('-')}"
@@ -262,16 +263,18 @@ def _read_examples(path: str, fields: dict[str, str], lent: bool, **kw: Any) -> 
 
 def _trained_with(models: list[str]) -> Any:
     """The config of the last run among the models (its test rows likely share its columns, and
-    its eval loss its truncation), or None."""
+    its eval loss its truncation), or None. A run's final/ or best/ folder is read with its run."""
     from tunelab.config import load_config
+    from tunelab.evaluate.predict import parse_contender
+    from tunelab.models import resolve_source
 
     for model in reversed(models):
-        config = Path(model.rsplit(":", 1)[-1]) / "config.yaml"  # fewshot:K:RUN names RUN last
-        if config.is_file():
-            try:
-                return load_config(config)
-            except TunelabError:
-                continue
+        try:
+            run = resolve_source(parse_contender(model).model).run_dir  # fewshot:K:RUN too
+            if run is not None:
+                return load_config(run / "config.yaml")
+        except (TunelabError, OSError, ValueError):  # one that cannot load: compare names it
+            continue
     return None
 
 

@@ -132,10 +132,15 @@ def parse_contender(spec: str) -> Contender:
 
 def label_for(spec: str) -> str:
     """A short column name: a path's last part, a hub id as is."""
+    from tunelab.models import run_of
+
     c = parse_contender(spec)
     p = Path(c.model)
     name = p.name if p.exists() else c.model
-    if name == "final" and p.exists():
+    run = run_of(p) if p.is_dir() else None
+    if run is not None:  # a run's final/ is the run; its best/ is "run/best"
+        name = run.name if p.name == "final" else f"{run.name}/{p.name}"
+    elif name == "final" and p.exists():
         name = p.parent.name
     return f"{c.shots}-shot {name}" if c.shots else name
 
