@@ -548,6 +548,35 @@ def test_compare_checks_every_model_and_few_shot_pool_before_generating(tiny_mod
     assert calls == []
 
 
+def test_a_prompt_too_long_for_a_later_contender_stops_compare_before_any_generates(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Prompt lengths were checked per model once it had loaded: a prompt too long for the second
+    model (a shorter context, or a few-shot prompt) stopped the run after the first had generated,
+    and nothing was written. Every contender's prompts are now measured, with its own tokenizer,
+    template and context read without its weights, before any model generates."""
+    short = tmp_path / "short"  # the same model with a 48-token context
+    shutil.copytree(tiny_models["llama"], short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    calls = []
+    original = Generator.generate_detailed
+    monkeypatch.setattr(
+        Generator, "generate_detailed", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
+    rows = [*ROWS[:2], {"question": " ".join(["word"] * 60), "answer": "x"}]
+    settings = EvalSettings(device="cpu", max_new_tokens=4, with_loss=False)
+    llama = str(tiny_models["llama"])
+    with pytest.raises(TunelabError, match=r"short: prompt 3 is .*\(found before any model generated\)"):
+        compare([llama, str(short)], rows, settings)
+    pool = [{"question": f"Q{i} " + " ".join(["word"] * 30), "answer": "A"} for i in range(20)]
+    with pytest.raises(TunelabError, match="20-shot llama: prompt 1 is .*context of 512") as e:
+        compare([llama, f"fewshot:20:{llama}"], ROWS[:2], settings, train_rows=pool)
+    assert "fewer shots" in e.value.hint
+    assert calls == []
+    assert len(compare([llama, f"fewshot:2:{llama}"], ROWS[:2], settings, train_rows=pool).models) == 2
+
+
 def test_eval_finds_a_runs_local_base_from_another_directory(llama_dir, tmp_path, monkeypatch):
     """A run trained with a relative model path kept it relative in config.yaml: `eval RUN` from
     another directory looked for the base there."""

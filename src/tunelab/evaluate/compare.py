@@ -26,6 +26,7 @@ from tunelab.evaluate.predict import (
     EvalSettings,
     Example,
     ModelResult,
+    check_prompts_fit,
     evaluate_contender,
     examples_from_rows,
     label_for,
@@ -356,16 +357,20 @@ def compare(
             check_loadable(contender.model)
             if contender.shots:
                 pick_shots(pool or [], contender.shots, settings.seed, examples)
-    if judge is not None and judge.mode == "pairwise" and len(models) < 2:
-        raise TunelabError("pairwise judging needs two models or more", "use --judge-mode rubric for one")
-    if judge is not None:  # a judge that is down would waste every model's generations
-        with judging.JudgeClient(judge) as client:
-            client.check_reachable()
     names = labels or [label_for(s) if isinstance(s, str) else f"model {i + 1}" for i, s in enumerate(models)]
     names = _unique_labels(names)
     # A model without a template of its own (a base model) is asked in the first template found, so
     # base and finetuned see the very same prompt.
     shared = next((t for t in map(_template_of, models) if t is not None), None)
+    tokenizers: dict[str, Any] = {}
+    for spec, label in zip(models, names):  # every prompt fits every model, before the first generates
+        check_prompts_fit(spec, examples, settings, shared, pool, label, tokenizers)
+    tokenizers.clear()
+    if judge is not None and judge.mode == "pairwise" and len(models) < 2:
+        raise TunelabError("pairwise judging needs two models or more", "use --judge-mode rubric for one")
+    if judge is not None:  # a judge that is down would waste every model's generations
+        with judging.JudgeClient(judge) as client:
+            client.check_reachable()
     results = [
         evaluate_contender(spec, examples, settings, metric_fns, shared, pool, label)
         for spec, label in zip(models, names)

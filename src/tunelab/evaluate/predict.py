@@ -354,6 +354,72 @@ def _predictions(
     return out
 
 
+def _template_for(
+    own: Template | None, shared: Template | None, settings: EvalSettings, examples: list[Example], shots: int
+) -> Template | None:
+    """The template a contender is asked in: --template, else its own, else the shared one (a base
+    model asked as the run is), else for a few-shot contender qa (its shots need markup between)."""
+    if settings.template is not None:
+        return templates.resolve(settings.template, examples[0].schema)
+    if own is None and shared is None and shots:
+        return templates.resolve("qa", "qa")
+    return own or shared
+
+
+@dataclass
+class _ConfigOnly:
+    """A model's config without its weights: all `Generator.prompt_ids` reads of a model."""
+
+    config: Any
+
+
+def check_prompts_fit(
+    spec: str | Any,
+    examples: list[Example],
+    settings: EvalSettings,
+    shared_template: Template | None = None,
+    train_pool: list[Example] | None = None,
+    label: str | None = None,
+    tokenizers: dict[str, Any] | None = None,
+) -> None:
+    """Every prompt a contender will be asked, with its template, shots and tokenizer, leaves room for
+    `max_new_tokens` in its context, read without loading its weights: so that a prompt too long for
+    a later contender stops a comparison before the earlier ones generate, not after."""
+    from transformers import AutoConfig
+
+    from tunelab.generate import Generator
+    from tunelab.models import load_tokenizer, resolve_source
+
+    if isinstance(spec, str):
+        contender = parse_contender(spec)
+        src = resolve_source(contender.model)
+        folder = src.adapter or src.model
+        cache = tokenizers if tokenizers is not None else {}
+        if folder not in cache:
+            cache[folder] = load_tokenizer(folder)
+        gen = Generator(
+            _ConfigOnly(AutoConfig.from_pretrained(src.model)), cache[folder], own_template(contender.model)
+        )
+        shots = contender.shots
+    else:
+        gen, shots = spec, 0
+    template = _template_for(gen.template, shared_template, settings, examples, shots)
+    chosen = pick_shots(train_pool or [], shots, settings.seed, examples) if shots else []
+    prompts = ["".join(s.text for s in segments(ex, template, gen.tokenizer, chosen)[:-1]) for ex in examples]
+    previous = gen.template
+    gen.template = template  # as evaluate_contender sets it: it decides the BOS prefix
+    try:
+        gen.prompt_ids(prompts, settings.max_new_tokens, raw=True)
+    except TunelabError as e:
+        name = label or (spec if isinstance(spec, str) else "model")
+        raise TunelabError(
+            f"{name}: {e.message} (found before any model generated)",
+            f"{e.hint}{', or fewer shots' if shots else ''}; or leave {name} out of the comparison",
+        ) from None
+    finally:
+        gen.template = previous
+
+
 def evaluate_contender(
     spec: str | Any,
     examples: list[Example],
@@ -372,11 +438,7 @@ def evaluate_contender(
     loaded_here = isinstance(spec, str)
     contender = parse_contender(spec) if loaded_here else Contender(label or "model", "", 0)
     gen = Generator.load(contender.model, device=settings.device) if loaded_here else spec
-    template = gen.template or shared_template
-    if settings.template is not None:
-        template = templates.resolve(settings.template, examples[0].schema)
-    if contender.shots and template is None:
-        template = templates.resolve("qa", "qa")  # a few-shot prompt needs some markup between shots
+    template = _template_for(gen.template, shared_template, settings, examples, contender.shots)
     previous = gen.template
     gen.template = template  # the template decides whether a BOS prefix is added
     try:
