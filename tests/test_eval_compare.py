@@ -577,6 +577,33 @@ def test_a_prompt_too_long_for_a_later_contender_stops_compare_before_any_genera
     assert len(compare([llama, f"fewshot:2:{llama}"], ROWS[:2], settings, train_rows=pool).models) == 2
 
 
+def test_a_later_model_failing_keeps_the_generations_of_those_done(tiny_models, tmp_path, capsys):
+    """What the checks before generating cannot see (weights that fail to load, memory running out)
+    stopped a comparison with nothing written: each model's generations and scores are now written
+    as it finishes (eval/partial-predictions.jsonl, said on stderr), and removed once all are done."""
+    from tunelab.cli import main
+
+    broken = tmp_path / "broken"  # its config and tokenizer read fine; its weights are gone
+    shutil.copytree(tiny_models["llama"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    out = tmp_path / "out"
+    llama = str(tiny_models["llama"])
+    common = ["--data", str(data), "--max-new-tokens", "2", "--quiet", "--no-loss", "--out", str(out)]
+    assert main(["compare", llama, str(tiny_models["qwen2"]), str(broken), *common]) == 2
+    partial = out / "eval" / "partial-predictions.jsonl"
+    rows = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert [(r["index"], r["model"]) for r in rows] == [(i, m) for i in range(3) for m in ("llama", "qwen2")]
+    assert all("prediction" in r and "exact_match" in r for r in rows)
+    err = capsys.readouterr().err
+    assert f"models done before it stopped (llama, qwen2) are in {partial}" in err
+    assert not (out / "eval" / "summary.json").exists()
+    assert main(["compare", llama, str(tiny_models["qwen2"]), *common]) == 0
+    assert (out / "eval" / "summary.json").exists() and not partial.exists()
+
+
 def test_eval_finds_a_runs_local_base_from_another_directory(llama_dir, tmp_path, monkeypatch):
     """A run trained with a relative model path kept it relative in config.yaml: `eval RUN` from
     another directory looked for the base there."""

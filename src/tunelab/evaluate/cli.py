@@ -294,15 +294,36 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
         settings = dataclasses.replace(
             settings, max_length=trained.data.max_length, truncation_side=trained.data.truncation_side
         )
-    result = compare(
-        models,
-        examples,
-        settings,
-        train_rows=pool,
-        group_by=args.group_by,
-        judge=_judge(args),
-        bootstrap=args.bootstrap,
-    )
+    partial = out / "eval" / "partial-predictions.jsonl"
+    partial.unlink(missing_ok=True)  # an earlier failed run's: this run generates them again
+
+    def keep(done: Any) -> None:  # each model's generations, written as soon as it is done
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.per_example()))
+        tmp.replace(partial)
+
+    try:
+        result = compare(
+            models,
+            examples,
+            settings,
+            train_rows=pool,
+            group_by=args.group_by,
+            judge=_judge(args),
+            bootstrap=args.bootstrap,
+            on_model_done=keep,
+        )
+    except BaseException:  # a later model failing (memory, weights, Ctrl-C) loses no finished one
+        if partial.exists():
+            done = list(dict.fromkeys(json.loads(line)["model"] for line in partial.open(encoding="utf-8")))
+            print(
+                f"the generations and scores of the models done before it stopped ({', '.join(done)}) "
+                f"are in {partial}",
+                file=sys.stderr,
+            )
+        raise
+    partial.unlink(missing_ok=True)
     result.print(Console(), examples=args.show)
     if (out / "eval" / "summary.json").exists():
         print(f"replacing the earlier report in {out} (--out DIR keeps both)", file=sys.stderr)

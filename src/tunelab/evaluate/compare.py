@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,12 +323,15 @@ def compare(
     bootstrap: int = 1000,
     top: int = 10,
     labels: list[str] | None = None,
+    on_model_done: Callable[[CompareResult], None] | None = None,
 ) -> CompareResult:
     """Run every model over `rows` and compare them with the first.
 
     `models`: names (run dir, HF folder, hub id, 'world', `fewshot:K:MODEL`) or loaded `Generator`s.
     `rows`: dicts with `question`/`answer` (or any trainable schema) plus any other columns, which
     `group_by` can break the metrics down by. `train_rows` feed the few-shot contenders.
+    `on_model_done`: called after each model with the models done so far (their predictions and
+    scores; no deltas yet), e.g. to keep them should a later model fail.
     """
     settings = settings or EvalSettings()
     if bootstrap < MIN_BOOTSTRAP:
@@ -371,11 +375,12 @@ def compare(
     if judge is not None:  # a judge that is down would waste every model's generations
         with judging.JudgeClient(judge) as client:
             client.check_reachable()
-    results = [
-        evaluate_contender(spec, examples, settings, metric_fns, shared, pool, label)
-        for spec, label in zip(models, names)
-    ]
     metrics = [m.name for m in metric_fns]
+    results: list[ModelResult] = []
+    for spec, label in zip(models, names):
+        results.append(evaluate_contender(spec, examples, settings, metric_fns, shared, pool, label))
+        if on_model_done is not None:
+            on_model_done(CompareResult(examples, list(results), list(metrics)))
     result = CompareResult(examples, results, metrics, group_by=group_by)
     result.settings = {k: v for k, v in vars(settings).items() if k not in ("progress", "device")} | {
         "bootstrap": bootstrap
