@@ -13,10 +13,10 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 
-# The judge options' defaults: the parser's, and what `_check_unused` takes as "not given".
 # The fewest --bootstrap resamples (compare.MIN_BOOTSTRAP, which says why; not imported: the parser is
 # built on every tunelab command, and compare imports numpy and the models).
 MIN_BOOTSTRAP = 200
+# The judge options' defaults: the parser's, and what `_check_unused` takes as "not given".
 JUDGE_DEFAULTS = {"judge_mode": "rubric", "judge_concurrency": 4, "judge_retries": 4}
 
 
