@@ -172,3 +172,47 @@ def test_data_check_counts_the_ids_training_builds(sp):
     assert stats.total_tokens.max == max(len(e.input_ids) for e in whole)
     assert stats.tokens == sum(len(e.input_ids) for e in encoded)
     assert stats.truncated == sum(len(e.input_ids) > 24 for e in whole)
+
+
+EXPORT_TEMPLATES = {
+    "qa": (templates.resolve("qa", "qa"), QA),
+    "alpaca": (templates.resolve("alpaca", "alpaca"), {**ALPACA, "input": ""}),
+    "raw": (
+        templates.resolve("raw", "prompt_completion"),
+        {"prompt": "Capital of Peru?", "completion": " Lima"},
+    ),
+    "raw-space": (templates.resolve("raw", "prompt_completion"), {"prompt": " Peru:", "completion": " Lima"}),
+}
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", EXPORT_TEMPLATES)
+def test_the_exported_chat_template_gives_the_ids_training_fed(style, name):
+    """`tunelab export` writes the run's prompt format as the chat template, BOS included. A Metaspace
+    prepend_scheme="first" tokenizer gives text after a special token no dummy prefix, so HF's
+    `apply_chat_template(tokenize=True)` fed `<s> ###` where training fed `<s> ▁###`."""
+    from tunelab.export import chat_template
+
+    template, row = EXPORT_TEMPLATES[name]
+    tok = build_sp_tokenizer(style)
+    tok.chat_template = chat_template(template, tok)
+    [enc] = encode_records([Record("t.jsonl", 1, row)], template, tok, 512)
+    start = last_answer_start(enc.labels)
+    user = row.get("question", row.get("instruction", row.get("prompt")))
+    answer = row.get("answer", row.get("output", row.get("completion")))
+    messages = [{"role": "user", "content": user}]
+
+    def hf_ids(msgs, **kw):
+        return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False, **kw))
+
+    assert hf_ids(messages, add_generation_prompt=True) == enc.input_ids[:start]
+    assert generator(tok, template).prompt_ids([row], 8)[0] == enc.input_ids[:start]
+    # A full turn is the training example's text, EOS included, and its ids where running text makes
+    # no merge across the prompt's end (training does not make it: alpaca's "\nThe"); a later
+    # question is prompted as a first one.
+    turn = hf_ids([*messages, {"role": "assistant", "content": answer}])
+    assert tok.decode(turn) == tok.decode(enc.input_ids)
+    if name != "alpaca":
+        assert turn == enc.input_ids
+    history = [*messages, {"role": "assistant", "content": answer}, *messages]
+    assert hf_ids(history, add_generation_prompt=True) == enc.input_ids[:start]

@@ -5,7 +5,9 @@ writes safetensors, the tokenizer, a generation config whose eos ids stop where 
 run's prompt format as the tokenizer's chat template. vLLM, TGI or plain transformers then prompt the
 model exactly as training did: for a qa/alpaca/raw/custom run,
 `tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)` is the text
-`tunelab generate RUN q` feeds the model. `--adapter OUT` copies a LoRA run's PEFT adapter.
+`tunelab generate RUN q` feeds the model, and with `tokenize=True` the ids (a space after the BOS
+stands for the dummy prefix where the tokenizer gives text after a special token none, see
+`_after_bos`). `--adapter OUT` copies a LoRA run's PEFT adapter.
 """
 
 from __future__ import annotations
@@ -36,6 +38,39 @@ def _literal(text: str) -> str:
     return "{{ '" + text + "' }}"
 
 
+def _after_bos(tokenizer: Any, bos: str, start: str) -> str:
+    """What the template writes between the BOS text and a prompt that begins with `start` (then the
+    message when `start` is empty), so that the whole text tokenised in one call without special
+    tokens (`apply_chat_template(tokenize=True)`, vLLM) gives the ids tunelab feeds: the BOS, then the
+    prompt tokenised at the start of text. A dummy-prefix tokenizer that prefixes only the text's first
+    split (a Metaspace pre-tokenizer with prepend_scheme "first", which transformers builds for a
+    Llama tokenizer loaded with legacy=False) gives text after a special token no "▁"; a space then
+    stands for it. Found by behaviour: nothing, else a space, whichever gives those ids (nothing when
+    neither does)."""
+    if not bos:
+        return ""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def lead(text: str) -> str:
+        want = special_prefix(tokenizer) + ids(text)
+        return next((c for c in ("", " ") if ids(bos + c + text) == want), "")
+
+    if start:
+        return _literal(lead(start))
+    plain, spaced = lead("x"), lead(" x")  # the message comes first: it may begin with a space
+    if plain == spaced:
+        return _literal(plain)
+    return (
+        "{% if message['content'].startswith(' ') %}"
+        + _literal(spaced)
+        + "{% else %}"
+        + _literal(plain)
+        + "{% endif %}"
+    )
+
+
 def chat_template(template: Template, tokenizer: Any) -> str | None:
     """The chat template that renders messages the way the run rendered its examples.
 
@@ -58,14 +93,17 @@ def chat_template(template: Template, tokenizer: Any) -> str | None:
             "its format names fields beyond the user's text; export the model and render prompts yourself",
         ) from None
     parts = prompt.text.split(_MARK)
+    bos = tokenizer.decode(special_prefix(tokenizer))
+    lead = _after_bos(tokenizer, bos, parts[0])
+    user = "{% if loop.first %}" + lead + "{% endif %}" if lead else ""
     if len(parts) == 2:  # the message once: what follows it is the generation prompt
-        user = _literal(parts[0]) + "{{ message['content'] }}"
+        user += _literal(parts[0]) + "{{ message['content'] }}"
         user += "{% if not loop.last or add_generation_prompt %}" + _literal(parts[1]) + "{% endif %}"
     else:
-        user = "{{ message['content'] }}".join(_literal(p) for p in parts)
+        user += "{{ message['content'] }}".join(_literal(p) for p in parts)
     assistant = "{{ message['content'] }}".join(_literal(p) for p in completion.text.split(_MARK))
     return (
-        _literal(tokenizer.decode(special_prefix(tokenizer)))  # e.g. Llama's BOS, as tunelab adds it
+        _literal(bos)  # e.g. Llama's BOS, as tunelab adds it
         + "{% set ns = namespace(start=0) %}"
         + "{% for message in messages %}{% if message['role'] == 'user' %}{% set ns.start = loop.index0 %}"
         + "{% endif %}{% endfor %}"
