@@ -216,3 +216,29 @@ def test_the_exported_chat_template_gives_the_ids_training_fed(style, name):
         assert turn == enc.input_ids
     history = [*messages, {"role": "assistant", "content": answer}, *messages]
     assert hf_ids(history, add_generation_prompt=True) == enc.input_ids[:start]
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize(
+    ("name", "row"),
+    [
+        ("raw", {"prompt": "Capital of Peru:", "completion": " Lima"}),
+        ("chat", {"messages": CHAT}),
+        ("qa", QA),
+    ],
+)
+def test_data_check_shows_the_text_of_the_ids_trained(style, name, row):
+    """`tunelab data check` shows examples in runs trained or not. Each run decoded on its own lost
+    its leading space (a SentencePiece decoder strips the dummy prefix at the start of text): a raw
+    completion " Lima" showed as "Capital of Peru:[[Lima</s>]]", a chat's " Hello" after "[/INST]"
+    as "[/INST][[Hello </s>]]". Now the runs join to the trained ids decoded whole."""
+    from tunelab.data.check import _example
+
+    tok = build_sp_tokenizer(style)
+    template = templates.resolve(name, {"raw": "prompt_completion", "chat": "messages", "qa": "qa"}[name])
+    record = Record("t.jsonl", 1, row)
+    [enc] = encode_records([record], template, tok, 512)
+    shown = _example(record, enc, tok).segments
+    assert "".join(text for text, _ in shown) == tok.decode(enc.input_ids)
+    trained = [text for text, train in shown if train]
+    assert trained[-1] == {"raw": " Lima</s>", "chat": " Lima </s>", "qa": "Paris</s>"}[name]

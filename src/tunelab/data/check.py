@@ -240,13 +240,31 @@ def reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
+def _run_texts(tokenizer: Any, runs: list[list[int]]) -> list[str]:
+    """Each run of ids as its text shows in the whole sequence decoded: a run decoded on its own would
+    lose a leading space, which a SentencePiece-style decoder strips as the dummy prefix at the start
+    of text (a chat's " Hello" after "[/INST]", a raw completion's " Lima"). A run is decoded on its
+    own only where the decoded prefix does not extend the one before (e.g. a character cut in two)."""
+    texts, done, ids = [], "", []
+    for run in runs:
+        ids += run
+        text = tokenizer.decode(ids)
+        texts.append(text[len(done) :] if text.startswith(done) else tokenizer.decode(run))
+        done = text
+    return texts
+
+
 def _example(r: Record, enc: Encoded, tokenizer: Any) -> Example:
     """The example as training sees it: its tokens (after any cut at max_length), decoded in runs
     trained or not, from the labels themselves: the EOS the model learns to stop with shows, and
     under train_on_prompt so does the trained prompt."""
     pairs = zip(enc.input_ids, enc.labels)
-    runs = itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE)
-    segs = [Segment(tokenizer.decode([token for token, _ in run]), trained) for trained, run in runs]
+    runs = [
+        (trained, [token for token, _ in run])
+        for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE)
+    ]
+    texts = _run_texts(tokenizer, [ids for _, ids in runs])
+    segs = [Segment(text, trained) for (trained, _), text in zip(runs, texts)]
     shown = [(g.text if len(g.text) <= SHOW_CHARS else g.text[:SHOW_CHARS] + "…", g.train) for g in segs]
     return Example(r.source, r.line, shown, enc.truncated)
 
