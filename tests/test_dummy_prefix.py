@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import LLAMA2_CHAT, ZEPHYR_CHAT, build_sp_tokenizer
+from conftest import COUNTRIES, LLAMA2_CHAT, ZEPHYR_CHAT, build_sp_tokenizer
 from tunelab.data import templates
 from tunelab.data.dataset import encode_records
 from tunelab.data.schema import Record
@@ -242,3 +242,76 @@ def test_data_check_shows_the_text_of_the_ids_trained(style, name, row):
     assert "".join(text for text, _ in shown) == tok.decode(enc.input_ids)
     trained = [text for text, train in shown if train]
     assert trained[-1] == {"raw": " Lima</s>", "chat": " Lima </s>", "qa": "Paris</s>"}[name]
+
+
+QA_ROWS = [
+    {"question": f"What is the capital of {c}?", "answer": f"The capital of {c} is {a}."}
+    for c, a in COUNTRIES[:6]
+]
+CHAT_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": f"What is the capital of {c}?"},
+            {"role": "assistant", "content": a},
+        ]
+    }
+    for c, a in COUNTRIES[:6]
+]
+
+
+@pytest.mark.parametrize(("style", "chat"), [("legacy", "llama2"), ("first", "zephyr")])
+def test_train_generate_and_export_feed_a_sentencepiece_model_the_prompt_ids_training_built(
+    tmp_path, monkeypatch, style, chat
+):
+    """End to end on a tiny random Llama for a dummy-prefix tokenizer: a qa run and a multi-turn chat
+    run train and save final/ with the tokenizer; for every row, the prompt ids `Generator.prompt_ids`
+    feeds (loaded from the run) are the ids training built for the row's prompt part, and so are those
+    of the exported model's tokenizer + chat template."""
+    from transformers import AutoTokenizer
+
+    import tunelab
+    from conftest import build_model, write_jsonl
+    from tunelab import runner
+    from tunelab.export import merge
+
+    tok = sp_with(style, chat)
+    base = build_model("llama", tok, tmp_path / "base")
+    built = []
+
+    def spy(model, tokenizer, train_ex, *args, **kwargs):
+        built.append(train_ex)
+        return train(model, tokenizer, train_ex, *args, **kwargs)
+
+    train = runner.train
+    monkeypatch.setattr(runner, "train", spy)
+    for name, rows in (("qa", QA_ROWS), ("chat", CHAT_ROWS)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        settings = dict(max_steps=2, batch_size=3, lr=1e-2, seed=0, eval_ratio=0.0)
+        run = tunelab.api.train(
+            model=str(base), data=str(data), out=str(tmp_path / name), quiet=True, **settings
+        )
+        final = run.path / "final"
+        assert (final / "tokenizer.json").is_file() and run.config.data.template == name
+        trained = sorted(enc.input_ids[: last_answer_start(enc.labels)] for enc in built.pop())
+        assert len(trained) == len(rows)
+
+        gen = run.generator
+        assert sorted(gen.prompt_ids(rows, 8)) == trained
+        assert all(isinstance(text, str) for text in gen.generate(rows[:2], max_new_tokens=4))
+
+        out = merge(str(run.path), tmp_path / f"{name}-export")
+        exported = AutoTokenizer.from_pretrained(out)
+        conversations = (
+            [[{"role": "user", "content": row["question"]}] for row in rows]
+            if name == "qa"
+            else [row["messages"][:-1] for row in rows]
+        )
+        fed = [
+            list(
+                exported.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
+            for c in conversations
+        ]
+        assert sorted(fed) == trained
