@@ -65,7 +65,11 @@ def test_fast_lora_equals_peft_in_fp32(tiny_models, kind):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
     assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # The shared A matmul blocks its sums otherwise than three: on some CPUs' BLAS (an AMD EPYC
+        # here) an element that cancels to near 0 differs by ~1e-6 of the tensor's largest, so the
+        # absolute tolerance is relative to that scale (a wrong slice would be off by the scale itself).
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
     assert all("forward" not in vars(m) for m in layers)  # PEFT's forward is back
 
 
