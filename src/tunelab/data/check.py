@@ -119,7 +119,7 @@ def _key(values: dict[str, Any], norm: Callable[[str], str]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _prompt_key(values: dict[str, Any], schema: str) -> tuple[str, ...] | None:
+def prompt_key(values: dict[str, Any], schema: str) -> tuple[str, ...] | None:
     """What the model is asked: leakage is an eval prompt that training already answered."""
     if schema == "messages":
         parts = [normalise(m["content"]) for m in values["messages"] if m["role"] != "assistant"]
@@ -215,8 +215,8 @@ def _epoch(train: list[Encoded], s: Settings) -> EpochEstimate:
 
 
 def _leakage(train: list[Record], held: list[Record], schema: str) -> tuple[int, list[str]]:
-    seen = {_prompt_key(r.values, schema) for r in train} - {None}
-    leaked = [_where(r) for r in held if _prompt_key(r.values, schema) in seen]
+    seen = {prompt_key(r.values, schema) for r in train} - {None}
+    leaked = [_where(r) for r in held if prompt_key(r.values, schema) in seen]
     return len(leaked), leaked[:N_LOCATIONS]
 
 

@@ -57,6 +57,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--data", required=True, help="test file (any format `tunelab train` reads), e.g. world:heldout.jsonl"
     )
     p.add_argument("--limit", type=_at_least(1), help="only the first N test rows")
+    p.add_argument(
+        "--drop-seen",
+        action="store_true",
+        help="leave out test rows whose question a run evaluated here trained on (they are counted and "
+        "flagged either way)",
+    )
     p.add_argument("--out", help="where report.md/html, plots/ and eval/ go")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -313,6 +319,7 @@ def _run(models: list[str], args: argparse.Namespace, out: Path, train_data: str
             judge=_judge(args),
             bootstrap=args.bootstrap,
             on_model_done=keep,
+            drop_seen=args.drop_seen,
         )
     except BaseException:  # a later model failing (memory, weights, Ctrl-C) loses no finished one
         if partial.exists():

@@ -35,6 +35,7 @@ from tunelab.evaluate.predict import (
     parse_contender,
     pick_shots,
 )
+from tunelab.evaluate.seen import SeenCheck, check_run, describe
 from tunelab.models import check_loadable
 
 # The fewest bootstrap resamples a 95 % interval is drawn from: its ends are the 2.5th and 97.5th
@@ -106,6 +107,8 @@ class CompareResult:
     judge: dict[str, Any] | None = None
     judge_error: str | None = None  # the judge failed mid-run: every other figure stands, without its
     settings: dict[str, Any] = field(default_factory=dict)
+    seen: dict[str, SeenCheck] = field(default_factory=dict)  # label -> which test rows its run trained on
+    unseen_deltas: list[Delta] = field(default_factory=list)  # deltas on the rows neither model trained on
 
     @property
     def labels(self) -> list[str]:
@@ -117,9 +120,23 @@ class CompareResult:
     def mean(self, label: str, metric: str) -> float:
         return _mean(self.model(label).scores(metric))
 
+    def unseen(self, label: str) -> list[int] | None:
+        """The rows whose question the model's run did not train on; None where nothing was seen (or
+        the model is no run, or its check could not run)."""
+        check = self.seen.get(label)
+        if check is None or not check.n_prompt:
+            return None
+        return [i for i, s in enumerate(check.prompt or []) if not s]
+
+    def unseen_mean(self, label: str, metric: str) -> float:
+        keep = self.unseen(label)
+        scores = self.model(label).scores(metric)
+        return _mean(scores if keep is None else [scores[i] for i in keep])
+
     def summary(self) -> dict[str, Any]:
         models = {}
         for m in self.models:
+            seen = self.seen.get(m.label)
             models[m.label] = {
                 "spec": m.spec,
                 "template": m.template,
@@ -129,12 +146,21 @@ class CompareResult:
                 "corpus_bleu": self.corpus_bleu.get(m.label),
                 "errors": self.errors[m.label].to_dict() if m.label in self.errors else None,
                 "seconds": round(m.seconds, 2),
+                "seen_in_training": None
+                if seen is None
+                else seen.to_dict()
+                | (
+                    {"unseen_means": {k: self.unseen_mean(m.label, k) for k in self.metrics}}
+                    if self.unseen(m.label) is not None
+                    else {}
+                ),
             }
         return {
             "n_examples": len(self.examples),
             "metrics": self.metrics,
             "models": models,
             "deltas": [vars(d) for d in self.deltas],
+            "unseen_deltas": [vars(d) for d in self.unseen_deltas],
             "pairwise": [vars(d) for d in self.pairwise],
             "group_by": self.group_by,
             "groups": self.groups,
@@ -155,6 +181,10 @@ class CompareResult:
             }
             for m in self.models:
                 p = m.predictions[i]
+                check = self.seen.get(m.label)
+                seen = {}
+                if check is not None and check.prompt is not None and check.pair is not None:
+                    seen = {"seen_in_training": check.prompt[i], "seen_with_reference": check.pair[i]}
                 out.append(
                     {
                         "index": i,
@@ -167,6 +197,7 @@ class CompareResult:
                         "completion_tokens": p.completion_tokens,
                         **{k: (None if math.isnan(v) else v) for k, v in p.scores.items()},
                         "errors": p.errors,
+                        **seen,
                         **({"columns": extra} if extra else {}),
                     }
                 )
@@ -210,13 +241,23 @@ def _unique_labels(labels: list[str]) -> list[str]:
     return out
 
 
-def _deltas(models: list[ModelResult], metrics: list[str], resamples: int, seed: int) -> list[Delta]:
+def _deltas(
+    models: list[ModelResult],
+    metrics: list[str],
+    resamples: int,
+    seed: int,
+    keep: list[int] | None = None,
+) -> list[Delta]:
+    """Each later model against the first, on the rows `keep` (None: all of them)."""
     base = models[0]
     out = []
     for m in models[1:]:
         for metric in metrics:
-            a, b = np.asarray(base.scores(metric)), np.asarray(m.scores(metric))
-            delta, low, high = paired_bootstrap(base.scores(metric), m.scores(metric), resamples, seed)
+            a_all, b_all = base.scores(metric), m.scores(metric)
+            if keep is not None:
+                a_all, b_all = [a_all[i] for i in keep], [b_all[i] for i in keep]
+            a, b = np.asarray(a_all, dtype=float), np.asarray(b_all, dtype=float)
+            delta, low, high = paired_bootstrap(a_all, b_all, resamples, seed)
             ok = ~np.isnan(a) & ~np.isnan(b)
             wins, losses = int((b[ok] > a[ok]).sum()), int((b[ok] < a[ok]).sum())
             out.append(
@@ -313,6 +354,51 @@ def _template_of(model: str | Any) -> Any:
     return own_template(parse_contender(model).model) if isinstance(model, str) else model.template
 
 
+def _seen_in_training(
+    models: list[str | Any], labels: list[str], examples: list[Example]
+) -> dict[str, SeenCheck]:
+    """For each contender that is a run (its final/ or best/, fewshot:K:RUN): which test rows its run
+    trained on, each run read once; said on stderr before any model generates."""
+    from tunelab.models import resolve_source
+
+    by_run: dict[str, SeenCheck] = {}
+    out: dict[str, SeenCheck] = {}
+    for spec, label in zip(models, labels):
+        if not isinstance(spec, str):
+            continue
+        run = resolve_source(parse_contender(spec).model).run_dir
+        if run is None:
+            continue
+        key = str(run.resolve())
+        if key not in by_run:
+            by_run[key] = check_run(run, examples)
+        out[label] = by_run[key]
+        note = describe(label, out[label])
+        if note:
+            print(note, file=sys.stderr)
+    return out
+
+
+def _drop_seen(
+    examples: list[Example], seen: dict[str, SeenCheck]
+) -> tuple[list[Example], dict[str, SeenCheck]]:
+    """The test rows no contender's run trained on (drop_seen)."""
+    flags = [c.prompt for c in seen.values() if c.prompt is not None]
+    keep = [i for i in range(len(examples)) if not any(f[i] for f in flags)]
+    if not keep:
+        raise TunelabError(
+            f"every one of the {len(examples)} test rows has a question a run here trained on: "
+            "with the seen rows dropped, nothing is left to evaluate",
+            "evaluate on rows kept out of training, or leave out --drop-seen to measure recall",
+        )
+    if len(keep) < len(examples):
+        print(
+            f"left out {len(examples) - len(keep)} test rows a run here trained on (--drop-seen)",
+            file=sys.stderr,
+        )
+    return [examples[i] for i in keep], {label: c.subset(keep) for label, c in seen.items()}
+
+
 def compare(
     models: list[str | Any],
     rows: list[dict[str, Any]] | list[Example],
@@ -324,6 +410,7 @@ def compare(
     top: int = 10,
     labels: list[str] | None = None,
     on_model_done: Callable[[CompareResult], None] | None = None,
+    drop_seen: bool = False,
 ) -> CompareResult:
     """Run every model over `rows` and compare them with the first.
 
@@ -332,6 +419,8 @@ def compare(
     `group_by` can break the metrics down by. `train_rows` feed the few-shot contenders.
     `on_model_done`: called after each model with the models done so far (their predictions and
     scores; no deltas yet), e.g. to keep them should a later model fail.
+    Each contender that is a run is checked for test rows it trained on (said on stderr, flagged per
+    row, means on the other rows reported); `drop_seen` leaves those rows out before any generates.
     """
     settings = settings or EvalSettings()
     if bootstrap < MIN_BOOTSTRAP:
@@ -363,6 +452,10 @@ def compare(
                 pick_shots(pool or [], contender.shots, settings.seed, examples)
     names = labels or [label_for(s) if isinstance(s, str) else f"model {i + 1}" for i, s in enumerate(models)]
     names = _unique_labels(names)
+    seen = _seen_in_training(models, names, examples)
+    asked = len(examples)
+    if drop_seen:
+        examples, seen = _drop_seen(examples, seen)
     # A model without a template of its own (a base model) is asked in the first template found, so
     # base and finetuned see the very same prompt.
     shared = next((t for t in map(_template_of, models) if t is not None), None)
@@ -380,10 +473,12 @@ def compare(
     for spec, label in zip(models, names):
         results.append(evaluate_contender(spec, examples, settings, metric_fns, shared, pool, label))
         if on_model_done is not None:
-            on_model_done(CompareResult(examples, list(results), list(metrics)))
+            on_model_done(CompareResult(examples, list(results), list(metrics), seen=seen))
     result = CompareResult(examples, results, metrics, group_by=group_by)
     result.settings = {k: v for k, v in vars(settings).items() if k not in ("progress", "device")} | {
-        "bootstrap": bootstrap
+        "bootstrap": bootstrap,
+        "drop_seen": drop_seen,
+        "dropped_seen": asked - len(examples),
     }
     refs = [ex.reference for ex in examples]
     for m in results:
@@ -403,6 +498,13 @@ def compare(
                 for p in m.predictions:
                     p.scores.pop("judge", None)
     result.deltas = _deltas(results, result.metrics, bootstrap, settings.seed)
+    result.seen = seen
+    for m in results[1:]:  # again on the rows neither model's run trained on, where either did
+        if result.unseen(results[0].label) is None and result.unseen(m.label) is None:
+            continue
+        flags = [seen[x.label].prompt for x in (results[0], m) if result.unseen(x.label) is not None]
+        keep = [i for i in range(len(examples)) if not any(f[i] for f in flags if f is not None)]
+        result.unseen_deltas += _deltas([results[0], m], result.metrics, bootstrap, settings.seed, keep)
     result.disagreements = _disagreements(results, top)
     if group_by:
         result.groups = _groups(examples, results, result.metrics, group_by)

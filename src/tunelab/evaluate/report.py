@@ -15,7 +15,15 @@ from typing import Any
 
 from tunelab.evaluate.compare import CompareResult
 from tunelab.evaluate.errors import CATEGORIES, DESCRIPTIONS
-from tunelab.evaluate.tables import Table, error_table, example_table, group_table, metric_table
+from tunelab.evaluate.seen import describe
+from tunelab.evaluate.tables import (
+    Table,
+    error_table,
+    example_table,
+    group_table,
+    metric_table,
+    unseen_table,
+)
 
 Block = tuple[str, Any]  # ("h1" | "h2" | "p" | "table" | "img" | "pre", content)
 
@@ -126,6 +134,7 @@ def _blocks(result: CompareResult, plots: dict[str, Path], bench: dict[str, Any]
         blocks.append(("p", f"**The judge failed**, so there are no judge figures: {result.judge_error}"))
     if "metrics" in plots:
         blocks.append(("img", plots["metrics"]))
+    blocks += _seen_blocks(result)
     if result.groups:
         blocks += [("h2", f"By {result.group_by}"), ("table", group_table(result))]
     if bench:
@@ -152,6 +161,31 @@ def _blocks(result: CompareResult, plots: dict[str, Path], bench: dict[str, Any]
                 f"Judge: {j['model']} at {j['url']} ({j['mode']}); {j['requests']} requests, {j['cache_hits']} from cache.",
             )
         )
+    return blocks
+
+
+def _seen_blocks(result: CompareResult) -> list[Block]:
+    """Test rows each run trained on: a line per run that saw some or could not be checked, and the
+    means on the rows it did not see."""
+    if not result.seen:
+        return []
+    found = [line for line in (describe(label, c) for label, c in result.seen.items()) if line]
+    dropped = result.settings.get("dropped_seen", 0)
+    left_out = f"{dropped} test rows a run here trained on were left out (--drop-seen). " if dropped else ""
+    if not found:
+        n, runs = len(result.examples), ", ".join(result.seen)
+        return [
+            (
+                "p",
+                f"Seen in training: {left_out}None of the {n} test questions is among those {runs} trained on.",
+            )
+        ]
+    blocks: list[Block] = [("h2", "Seen in training"), *[("p", line) for line in found]]
+    if left_out:
+        blocks.insert(1, ("p", left_out.strip()))
+    table = unseen_table(result)
+    if table is not None:
+        blocks.append(("table", table))
     return blocks
 
 

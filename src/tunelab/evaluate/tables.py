@@ -73,6 +73,34 @@ def metric_table(result: CompareResult) -> Table:
     return header, rows
 
 
+def unseen_table(result: CompareResult) -> Table | None:
+    """Each metric's mean on the rows the model's run did not train on, for the models whose run
+    trained on some test rows; later models' deltas against the first on the rows neither trained
+    on. None where no model saw any."""
+    shown = [m for m in result.models if result.unseen(m.label) is not None]
+    if not shown:
+        return None
+    deltas = {(d.model, d.metric): d for d in result.unseen_deltas}
+    with_delta = {d.model for d in result.unseen_deltas}
+    labels = [m.label for m in result.models if m in shown or m.label in with_delta]
+    header = ["metric (unseen rows)"]
+    for label in labels:
+        keep = result.unseen(label)
+        header.append(f"{label} ({len(keep)} rows)" if keep is not None else label)
+    rows = []
+    for metric in result.metrics:
+        row = [metric]
+        for label in labels:
+            cell = _num(result.unseen_mean(label, metric)) if result.unseen(label) is not None else ""
+            d = deltas.get((label, metric))
+            if d is not None:
+                paired = d.wins + d.ties + d.losses
+                cell += f" ({_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}], {paired} paired)"
+            row.append(cell.strip())
+        rows.append(row)
+    return header, rows
+
+
 def error_table(result: CompareResult) -> Table:
     header = ["error", *result.labels]
     rows = []
@@ -141,6 +169,9 @@ def print_result(result: CompareResult, console: Any = None, examples: int = 5) 
         console.print(
             f"[yellow]with {n} examples the intervals are rough: test on 30 or more before trusting a difference[/]"
         )
+    unseen = unseen_table(result)
+    if unseen is not None:
+        console.print(rich_table(unseen, "on the test rows its run did not train on"))
     if result.groups:
         console.print(rich_table(group_table(result), f"by {result.group_by}"))
     console.print(rich_table(error_table(result), "error analysis"))
