@@ -121,7 +121,8 @@ def test_rows_the_run_split_off_for_its_own_eval_were_not_trained_on(tmp_path, t
         "fields": {"question": "q", "answer": "a"},
     }
     run = _run(project, tiny_models, data, out="runs/r")
-    monkeypatch.chdir(tmp_path)  # evaluated from elsewhere
+    monkeypatch.chdir(tmp_path)  # evaluated from elsewhere, where another data/train.jsonl lies
+    write_jsonl((tmp_path / "data").mkdir() or tmp_path / "data" / "train.jsonl", TRAIN[:1])
     order = list(range(len(TRAIN)))
     random.Random(7).shuffle(order)
     held = set(order[: round(len(TRAIN) * 0.3)])  # 3 rows, as load_records splits

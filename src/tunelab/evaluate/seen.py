@@ -68,7 +68,7 @@ def _locate(path: str, run_dir: Path, out: str) -> str:
     """A data path as training opened it: a relative one is relative to where training ran, which a
     run directory at `out` (relative, as given to training) tells; otherwise the current directory."""
     p = Path(path).expanduser()
-    if p.is_absolute() or path.startswith("world:") or p.exists():
+    if p.is_absolute() or path.startswith("world:"):
         return path
     out_parts = Path(out).parts
     here = run_dir.resolve()
