@@ -79,7 +79,9 @@ def test_eval_counts_flags_and_reports_test_rows_the_run_trained_on(tmp_path, ti
     assert "run (3 rows)" in report
 
     assert main(["eval", str(run), "--drop-seen", *common]) == 0
-    assert "left out 2 test rows a run here trained on (--drop-seen)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(1 with the same answer too); its scores on them measure recall, not generalisation: they are left out (--drop-seen)" in err  # fmt: skip
+    assert "left out 2 test rows a run here trained on (--drop-seen)" in err
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["n_examples"] == 3 and summary["models"]["run"]["seen_in_training"]["seen_prompt"] == 0
     assert summary["settings"]["drop_seen"] is True and summary["unseen_deltas"] == []

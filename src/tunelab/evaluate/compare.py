@@ -355,7 +355,7 @@ def _template_of(model: str | Any) -> Any:
 
 
 def _seen_in_training(
-    models: list[str | Any], labels: list[str], examples: list[Example]
+    models: list[str | Any], labels: list[str], examples: list[Example], dropping: bool = False
 ) -> dict[str, SeenCheck]:
     """For each contender that is a run (its final/ or best/, fewshot:K:RUN): which test rows its run
     trained on, each run read once; said on stderr before any model generates."""
@@ -373,7 +373,7 @@ def _seen_in_training(
         if key not in by_run:
             by_run[key] = check_run(run, examples)
         out[label] = by_run[key]
-        note = describe(label, out[label])
+        note = describe(label, out[label], dropping)
         if note:
             print(note, file=sys.stderr)
     return out
@@ -452,7 +452,7 @@ def compare(
                 pick_shots(pool or [], contender.shots, settings.seed, examples)
     names = labels or [label_for(s) if isinstance(s, str) else f"model {i + 1}" for i, s in enumerate(models)]
     names = _unique_labels(names)
-    seen = _seen_in_training(models, names, examples)
+    seen = _seen_in_training(models, names, examples, drop_seen)
     asked = len(examples)
     if drop_seen:
         examples, seen = _drop_seen(examples, seen)

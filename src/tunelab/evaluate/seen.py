@@ -119,8 +119,9 @@ def check_run(run_dir: str | Path, examples: list[Any]) -> SeenCheck:
     return SeenCheck(str(run), prompt, pair, len(records))
 
 
-def describe(label: str, check: SeenCheck) -> str | None:
-    """The stderr note (and report line) for one model's check; None where nothing was seen."""
+def describe(label: str, check: SeenCheck, dropping: bool = False) -> str | None:
+    """The stderr note (and report line) for one model's check; None where nothing was seen.
+    `dropping`: the seen rows are about to be left out (--drop-seen)."""
     if check.prompt is None:
         return (
             f"{label}: could not check whether the test rows were in its training data ({check.note}); "
@@ -132,6 +133,10 @@ def describe(label: str, check: SeenCheck) -> str | None:
     return (
         f"{label}: {n} of {total} test rows ({100 * n / total:.1f} %) have a question the run trained on "
         f"({check.n_pair} with the same answer too); its scores on them measure recall, not "
-        f"generalisation: its means on the {total - n} unseen rows are reported beside them, "
-        "predictions.jsonl flags each row (seen_in_training), and --drop-seen leaves them out"
+        + (
+            "generalisation: they are left out (--drop-seen)"
+            if dropping
+            else f"generalisation: its means on the {total - n} unseen rows are reported beside them, "
+            "predictions.jsonl flags each row (seen_in_training), and --drop-seen leaves them out"
+        )
     )
