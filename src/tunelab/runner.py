@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab import progress
 from tunelab.config import RunConfig, load_config, save_config
 from tunelab.data import check, templates
 from tunelab.data.dataset import count_trainable, encode_records, load_records, pack_documents
@@ -96,16 +97,16 @@ def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.T
         check.preflight(d.check, loaded, templates.Template("none", schema="text"), tokenizer, settings)
         texts = [r.values["text"] for r in loaded.train]
         eval_texts = [r.values["text"] for r in loaded.eval]
-        train_ex = pack_documents(texts, tokenizer, d.chunk_length)
-        eval_ex = pack_documents(eval_texts, tokenizer, d.chunk_length)
+        train_ex = pack_documents(texts, tokenizer, d.chunk_length, "data: tokenising train")
+        eval_ex = pack_documents(eval_texts, tokenizer, d.chunk_length, "data: tokenising eval")
         return train_ex, eval_ex, templates.Template("none", schema="text"), loaded.rejects
     template = templates.resolve(d.template, loaded.schema, d.prompt_format, d.completion_format)
     check.preflight(d.check, loaded, template, tokenizer, check.settings_from_config(cfg))
     train_ex = encode_records(
-        loaded.train, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt
+        loaded.train, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt, "train"
     )
     eval_ex = encode_records(
-        loaded.eval, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt
+        loaded.eval, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt, "eval"
     )
     if count_trainable(train_ex) == 0:
         raise DataError(
@@ -215,7 +216,8 @@ def run(
     tok_src = resolve_source(cfg.model.tokenizer or cfg.model.name_or_path)
     tok_source = tok_src.adapter or tok_src.model
     tokenizer = load_tokenizer(tok_source, cfg.model.trust_remote_code)
-    train_ex, eval_ex, template, rejects = _prepare_data(cfg, tokenizer)
+    with progress.shown(not quiet and dist.is_main):  # reading and tokenising a large file takes a while
+        train_ex, eval_ex, template, rejects = _prepare_data(cfg, tokenizer)
     # What `auto` picked for the data (for the model, the loop's first line says).
     if not quiet and dist.is_main:
         print(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from tunelab import progress
 from tunelab.data import templates
 from tunelab.data.check_report import (
     DEFAULT_MAX_LEAKAGE,
@@ -149,17 +150,22 @@ def _duplicates(records: list[Record]) -> tuple[int, int]:
 
 
 def _encode_split(
-    records: list[Record], template: Template, tokenizer: Any, s: Settings
+    records: list[Record], template: Template, tokenizer: Any, s: Settings, split: str = "train"
 ) -> tuple[SplitStats, list[Encoded]]:
-    segment_lists = [templates.render(r, template, tokenizer) for r in records]
-    ids = tokenize_segments([[seg.text for seg in segs] for segs in segment_lists], tokenizer)
     # As dataset.encode_records: chat templates write their own BOS and end-of-turn markup.
     chat = template.name == "chat"
     prefix = 0 if chat else len(special_prefix(tokenizer))
     has_eos = not chat and tokenizer.eos_token_id is not None
     stats, encoded = SplitStats(rows=len(records)), []
     prompts, completions = [], []
-    for r, segs, pieces in zip(records, segment_lists, ids):
+
+    def tokenise(part: list[Record]) -> list[tuple[Record, list[Segment], list[list[int]]]]:
+        segment_lists = [templates.render(r, template, tokenizer) for r in part]
+        ids = tokenize_segments([[seg.text for seg in segs] for segs in segment_lists], tokenizer)
+        return list(zip(part, segment_lists, ids))
+
+    # A part at a time, for the progress (each example's ids depend on it alone).
+    for r, segs, pieces in progress.chunked(f"data check: tokenising {split}", records, tokenise):
         enc = assemble(
             pieces, segs, tokenizer, s.max_length, s.truncation_side, s.train_on_prompt, not chat, not chat
         )
@@ -284,21 +290,23 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
     )
     train_encoded: list[Encoded] = []
     for split, records in (("train", loaded.train), ("eval", loaded.eval)):
-        stats, encoded = _encode_split(records, template, tokenizer, settings)
-        stats.empty_fields = _empty_fields(records, loaded.schema, settings.fields)
-        stats.exact_duplicates, stats.near_duplicates = _duplicates(records)
+        stats, encoded = _encode_split(records, template, tokenizer, settings, split)
+        with progress.timed(f"data check: duplicates in {split}"):
+            stats.empty_fields = _empty_fields(records, loaded.schema, settings.fields)
+            stats.exact_duplicates, stats.near_duplicates = _duplicates(records)
         report.splits[split] = stats
         if split == "train":
             train_encoded = encoded
             for r, enc in zip(records[:N_EXAMPLES], encoded):
                 report.examples.append(_example(r, enc, tokenizer))
-    report.leaked, report.leaked_at = _leakage(loaded.train, loaded.eval, loaded.schema)
-    report.repeated_across = _repeated_across(loaded.train, loaded.eval)
+    with progress.timed("data check: leakage from train into eval"):
+        report.leaked, report.leaked_at = _leakage(loaded.train, loaded.eval, loaded.schema)
+        report.repeated_across = _repeated_across(loaded.train, loaded.eval)
     if settings.chunk_length is not None:  # pretraining trains on chunks of the joined documents
         from tunelab.data.dataset import pack_documents
 
         texts = [r.values["text"] for r in loaded.train]
-        train_encoded = pack_documents(texts, tokenizer, settings.chunk_length)
+        train_encoded = pack_documents(texts, tokenizer, settings.chunk_length, "data check: chunking train")
         report.chunk_length = settings.chunk_length
     report.epoch = _epoch(train_encoded, settings)
     report.findings = findings(report)

@@ -146,10 +146,12 @@ def run_check(
 
 
 def handle_check(args: argparse.Namespace) -> int:
+    from tunelab import progress
     from tunelab.data.formats import write_rejects
 
     cfg = _config(args)
-    report, rejects = run_check(cfg, max_leakage=args.max_leakage, tokens_per_s=args.tokens_per_s)
+    with progress.shown():  # on stderr: the report on stdout stays as it is
+        report, rejects = run_check(cfg, max_leakage=args.max_leakage, tokens_per_s=args.tokens_per_s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(report.to_json(), encoding="utf-8")

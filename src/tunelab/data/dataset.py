@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tunelab import progress
 from tunelab.data import formats, schema, templates
 from tunelab.data.formats import Reject
 from tunelab.data.schema import Record
@@ -45,7 +46,22 @@ def _records(
 ) -> tuple[str, list[Record], list[Reject]]:
     from tunelab.world.build import resolve_world_path
 
-    file = resolve_world_path(path)
+    with progress.timed(f"data: reading {path}") as say:
+        name, records, rejects = _read_records(
+            resolve_world_path(path), path, fmt, schema_name, fields, on_bad_row
+        )
+        say(f"{len(records):,} rows" + (f" ({len(rejects):,} set aside)" if rejects else ""))
+    return name, records, rejects
+
+
+def _read_records(
+    file: Any,
+    path: str,
+    fmt: str,
+    schema_name: str,
+    fields: dict[str, str],
+    on_bad_row: Literal["error", "skip"],
+) -> tuple[str, list[Record], list[Reject]]:
     # Read leniently, then validate: under "error" the first bad row in the file stops it, whether it
     # cannot be read or is not a usable example (reading first found a later unreadable row first).
     read = formats.read_rows(file, fmt, "skip")
@@ -121,22 +137,29 @@ def encode_records(
     max_length: int,
     truncation_side: Literal["right", "left"] = "right",
     train_on_prompt: bool = False,
+    label: str = "examples",
 ) -> list[Encoded]:
     # Chat templates write their own end-of-turn markup (and BOS) into the text; others get EOS here.
     chat = template.name == "chat"
-    segments = [templates.render(r, template, tokenizer) for r in records]
-    return encode_many(
-        segments,
-        tokenizer,
-        max_length,
-        truncation_side,
-        train_on_prompt,
-        add_eos=not chat,
-        add_prefix=not chat,
-    )
+
+    def encode(part: list[Record]) -> list[Encoded]:
+        return encode_many(
+            [templates.render(r, template, tokenizer) for r in part],
+            tokenizer,
+            max_length,
+            truncation_side,
+            train_on_prompt,
+            add_eos=not chat,
+            add_prefix=not chat,
+        )
+
+    # A part at a time, for the progress (each example's ids depend on it alone).
+    return progress.chunked(f"data: tokenising {label}", records, encode)
 
 
-def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[Encoded]:
+def pack_documents(
+    texts: list[str], tokenizer: Any, chunk_length: int, label: str = "data: tokenising documents"
+) -> list[Encoded]:
     """Pretraining: documents joined into one stream, cut into chunks; every token is trained. Each
     document is framed as the model will meet text later: the tokenizer's own prefix (a Llama
     tokenizer's BOS, which generation and finetuning put before every prompt), the text, EOS.
@@ -146,12 +169,14 @@ def pack_documents(texts: list[str], tokenizer: Any, chunk_length: int) -> list[
     eos = tokenizer.eos_token_id
     prefix = special_prefix(tokenizer)
     stream: list[int] = []
-    for text in texts:
-        # verbose=False: no "longer than the model's maximum ... indexing errors" warning for a long
-        # document; it is cut into chunks here, never fed whole.
-        stream.extend(prefix + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+    with progress.track(label, len(texts), "documents") as advance:
+        for text in texts:
+            # verbose=False: no "longer than the model's maximum ... indexing errors" warning for a long
+            # document; it is cut into chunks here, never fed whole.
+            stream.extend(prefix + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            if eos is not None:
+                stream.append(eos)
+            advance(1)
     step = chunk_length - 1
     chunks = [stream[i : i + chunk_length] for i in range(0, len(stream) - 1, step)]
     return [Encoded(c, list(c)) for c in chunks]
