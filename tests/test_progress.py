@@ -40,7 +40,7 @@ def test_library_calls_are_silent_and_progress_changes_no_result(tmp_path, token
     assert [(c.input_ids, c.labels) for c in shown_chunks] == [(c.input_ids, c.labels) for c in quiet_chunks]
     err = capsys.readouterr().err.splitlines()
     # a line per part of 8 with the count and an ETA, then one with the total and the time
-    assert err[0].startswith("data: tokenising train: 8/50 examples (16%), 0:00 elapsed, eta ")
+    assert err[0].startswith("data: tokenising train: 8/50 examples (16%), ") and ", eta " in err[0]
     assert sum(line.startswith("data: tokenising train: ") and "eta" in line for line in err) == 6
     assert any(line.startswith("data: tokenising train: 50 examples in ") for line in err)
     assert any(line.startswith("data: tokenising documents: 20 documents in ") for line in err)
@@ -76,3 +76,20 @@ def test_data_check_shows_progress_on_stderr_and_keeps_stdout(tmp_path, tokenize
     assert any(line.startswith("data check: leakage from train into eval in ") for line in err)
     assert "tokenising" not in captured.out and "reading" not in captured.out
     assert json.loads((out / "report.json").read_text())["splits"]["train"]["rows"] == 36
+
+
+def test_generate_file_shows_progress_per_batch_and_answers_as_one_call(tmp_path, llama_dir, chatty, capsys):
+    from tunelab.generate import Generator, read_prompts
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"question": f"What is {i}?"} for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    args = ["generate", str(llama_dir), "--file", str(f), "--output", str(out), "--max-new-tokens", "3"]
+    assert main([*args, "--temperature", "1.0", "--seed", "7"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"wrote 40 completions to {out}\n"  # stdout as before
+    err = captured.err.splitlines()
+    assert err[0].startswith("generate: 32/40 prompts (80%), 0:0") and " elapsed, eta 0:" in err[0]
+    assert err[1].startswith("generate: 40 prompts in ")
+    gen = Generator.load(str(llama_dir))
+    whole = gen.generate(read_prompts(f), 3, 1.0, 1.0, 7)  # the same stream as one call
+    assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == whole

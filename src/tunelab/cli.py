@@ -132,6 +132,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str], task: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab import progress
     from tunelab.generate import Generator, check_decoding, note_unused_sampling, prompt_of, read_prompts
 
     check_decoding(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
@@ -150,9 +151,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise TunelabError(
             "nothing to generate from", 'give a prompt: tunelab generate RUN "question", or --file F'
         )
-    answers = gen.generate(
-        prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed, raw=args.raw
-    )
+    answers: list[str] = []
+    batch = 32
+    gen.prompt_ids(prompts, args.max_new_tokens, args.raw)  # every prompt fits, before any generates
+    with progress.shown(bool(args.file)), progress.track("generate", len(prompts), "prompts") as advance:
+        for start in range(0, len(prompts), batch):  # a batch at a time, for the progress
+            part = prompts[start : start + batch]
+            seed = args.seed if start == 0 else None  # seeded once: later batches continue the stream
+            answers += gen.generate(
+                part, args.max_new_tokens, args.temperature, args.top_p, seed, batch, raw=args.raw
+            )
+            advance(len(part))
     if args.file:
         out = Path(args.output or Path(args.file).with_suffix(".predictions.jsonl"))
         with out.open("w", encoding="utf-8") as f:
