@@ -144,6 +144,9 @@ def test_offline_miss_says_so(monkeypatch):
     with pytest.raises(ModelLoadError) as e:
         load_model("some-org/not-a-cached-model")
     assert "offline mode is on" in e.value.message and "HF_HUB_OFFLINE=1" in e.value.message
+    assert (
+        "`hf download some-org/not-a-cached-model --local-dir DIR`" in e.value.hint
+    )  # the name, ready to run
 
 
 def test_generate_cli_single_and_batch(llama_dir, qa_file, tmp_path, capsys):

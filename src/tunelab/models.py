@@ -124,7 +124,8 @@ def _load_error(name: str, err: Exception) -> ModelLoadError:
     if offline:
         return ModelLoadError(
             f"model '{name}' is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1)",
-            "download it on a machine with internet (`hf download NAME`), copy the folder here and pass its path",
+            f"download it where there is internet (`hf download {name} --local-dir DIR`), copy DIR here "
+            "and pass its path; or, with internet here, unset HF_HUB_OFFLINE",
         )
     return ModelLoadError(
         f"cannot load model '{name}' from the hub: {type(err).__name__}: {err}",
