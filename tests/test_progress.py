@@ -93,3 +93,17 @@ def test_generate_file_shows_progress_per_batch_and_answers_as_one_call(tmp_path
     gen = Generator.load(str(llama_dir))
     whole = gen.generate(read_prompts(f), 3, 1.0, 1.0, 7)  # the same stream as one call
     assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == whole
+
+
+def test_compare_shows_each_contenders_generation_on_stderr(tmp_path, tiny_models, qa_file, chatty, capsys):
+    llama, qwen = str(tiny_models["llama"]), str(tiny_models["qwen2"])
+    common = ["--data", str(qa_file), "--limit", "5", "--max-new-tokens", "2", "--batch-size", "2"]
+    assert main(["compare", llama, qwen, *common, "--out", str(tmp_path / "c"), "--bootstrap", "50"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    for name in ("llama", "qwen2"):  # per contender: a line per batch with an ETA, then the count and time
+        assert any(
+            line.startswith(f"generate {name}: 2/5 examples (40%), ") and "eta" in line for line in err
+        )
+        assert any(line.startswith(f"generate {name}: 5 examples in ") for line in err)
+    assert main(["compare", llama, *common, "--out", str(tmp_path / "q"), "--no-loss", "--quiet"]) == 0
+    assert "generate " not in capsys.readouterr().err  # --quiet: none

@@ -8,11 +8,13 @@ answered on the user's own data.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -487,31 +489,11 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-class _progress:
-    """A rich progress bar over examples, or nothing when quiet."""
+@contextlib.contextmanager
+def _progress(enabled: bool, name: str, total: int) -> Iterator[Callable[[int], None]]:
+    """Each contender's generation: a bar on a terminal; piped or logged, a line every 10 s with the
+    count and an ETA, and the count and time at the end (tunelab.progress); nothing when quiet."""
+    from tunelab import progress
 
-    def __init__(self, enabled: bool, name: str, total: int) -> None:
-        self.enabled, self.name, self.total = enabled, name, total
-        self.bar: Any = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn(f"[bold]generate[/] {self.name}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        task = self.bar.add_task("gen", total=self.total)
-        self.bar.start()
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    with progress.shown(enabled), progress.track(f"generate {name}", total) as advance:
+        yield advance
