@@ -107,3 +107,25 @@ def test_compare_shows_each_contenders_generation_on_stderr(tmp_path, tiny_model
         assert any(line.startswith(f"generate {name}: 5 examples in ") for line in err)
     assert main(["compare", llama, *common, "--out", str(tmp_path / "q"), "--no-loss", "--quiet"]) == 0
     assert "generate " not in capsys.readouterr().err  # --quiet: none
+
+
+def test_an_evaluation_in_training_says_how_many_examples_and_how_long(tmp_path, llama_dir, qa_file, capsys):
+    import tunelab
+
+    run = tunelab.train(
+        model=str(llama_dir),
+        data=str(qa_file),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=8,
+        log_every=1,
+    )
+    evals = [
+        r for r in map(json.loads, (run.path / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r
+    ]
+    assert [r["eval_examples"] for r in evals] == [4] * len(evals) and len(evals) >= 2  # step 0 and the end
+    assert all(r["eval_s"] >= 0 for r in evals)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "eval_loss" in line]
+    assert len(lines) == len(evals) and all(
+        " (4 examples in " in line and line.endswith(" s)") for line in lines
+    )

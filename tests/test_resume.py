@@ -63,7 +63,7 @@ def logged(run: Path) -> list[tuple]:
 
 
 # What a metrics.jsonl record says about the clock and the machine, not about the run.
-WALL_CLOCK = {"time", "elapsed_s", "eta_s", "tokens_per_s", "mfu", "peak_mem_gib"}
+WALL_CLOCK = {"time", "elapsed_s", "eta_s", "tokens_per_s", "mfu", "peak_mem_gib", "eval_s"}
 
 
 def metric_records(run: Path) -> list[dict]:

@@ -68,9 +68,12 @@ class MetricsLogger:
                 line += f"  mem {record['peak_mem_gib']:.1f}GiB"
             self.print(line)
         if "eval_loss" in record:
-            self.print(
+            line = (
                 f"step {record['step']:>6}  eval_loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.2f}"
             )
+            if record.get("eval_s") is not None:
+                line += f"  ({record['eval_examples']:,} examples in {record['eval_s']:.1f} s)"
+            self.print(line)
 
     def advance(self, step: int, info: str = "") -> None:
         if self.progress is not None:

@@ -395,12 +395,24 @@ def train(
         nonlocal best_eval, best_step, last_eval
         if not eval_examples:
             return
+        # The bar stands still meanwhile (a large eval set takes a while): it says why.
+        log.advance(step, f"evaluating {len(eval_examples):,} examples")
+        eval_start = time.perf_counter()
         with _explain_out_of_memory(cfg, device, run_dir, log, f"evaluating at step {step}"):
             with compiling.paused(model):  # eagerly: a forward-only graph is not worth its warm-up
                 last_eval = evaluate(
                     wrapped, eval_examples, cfg.micro_batch_tokens, device, varlen, dist, apart
                 )
-        log.log({"step": step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
+        log.log(
+            {
+                "step": step,
+                "eval_loss": last_eval,
+                "eval_ppl": math.exp(min(last_eval, 50)),
+                "eval_examples": len(eval_examples),
+                "eval_s": round(time.perf_counter() - eval_start, 3),
+            }
+        )
+        log.advance(step)
         if step > 0 and last_eval < best_eval:
             best_eval, best_step = last_eval, step
             if not save:
