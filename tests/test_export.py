@@ -147,13 +147,22 @@ def test_merge_writes_a_standalone_model_that_prompts_and_stops_like_the_run(run
     assert expected[0] and tok.decode(new[:cut], skip_special_tokens=True) == expected[0]
 
 
-def test_adapter_export_and_bf16_merge_of_a_lora_run(runs, tmp_path):
+def test_adapter_export_and_bf16_merge_of_a_lora_run(runs, tmp_path, monkeypatch, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tunelab import progress
+
+    monkeypatch.setattr(progress, "SAY_S", 0.0)  # every step says what it did, however short
     run = runs["lora"]
     out = tmp_path / "adapter"
     assert cli.main(["export", str(run), "--adapter", str(out), "--merge", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()  # the merge's steps, with their time, on stderr
+    assert err[0].startswith(f"export: loading {run}: ") and " parameters in " in err[0]
+    assert err[1].startswith("export: merging the LoRA adapter into the weights in ")
+    assert err[2].startswith(f"export: writing {tmp_path / 'bf16'} in ")
+    assert "export:" not in captured.out
     assert (out / "adapter_model.safetensors").read_bytes() == (
         run / "final" / "adapter_model.safetensors"
     ).read_bytes()

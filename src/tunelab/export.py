@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunelab import progress
 from tunelab.data.schema import COMPLETION_ROLE, PROMPT_ROLE, Record
 from tunelab.data.templates import Template, render
 from tunelab.data.tokenize import special_prefix
@@ -174,9 +175,12 @@ def merge(source: str, out: Path, dtype: str = "auto", overwrite: bool = False) 
 
     _check_out(out, overwrite, _sources(source))
     # Merged in float32 on the CPU: W + (alpha/r)·BA is then exact to float32, whatever the base's dtype.
-    model, tok, src = load_model(source, dtype="float32", device="cpu")
+    with progress.timed(f"export: loading {source}") as say:  # a billion-parameter model takes a while
+        model, tok, src = load_model(source, dtype="float32", device="cpu")
+        say(f"{sum(p.numel() for p in model.parameters()):,} parameters")
     if src.adapter:
-        model = model.merge_and_unload()
+        with progress.timed("export: merging the LoRA adapter into the weights"):
+            model = model.merge_and_unload()
     model = model.to(pick_dtype(_saved_dtype(src.model) if dtype == "auto" else dtype, model.device))
     saved = load_template(src.adapter or src.model)
     template = Template(**saved) if saved else None
@@ -188,9 +192,10 @@ def merge(source: str, out: Path, dtype: str = "auto", overwrite: bool = False) 
     gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
     gen.pad_token_id = tok.pad_token_id
     _prepare_out(out)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    gen.save_pretrained(out)
+    with progress.timed(f"export: writing {out}"):
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        gen.save_pretrained(out)
     if saved is not None:
         (out / TEMPLATE_FILE).write_text(json.dumps(saved, indent=2))  # tunelab reads the folder like the run
     return out
@@ -228,7 +233,8 @@ def handler(args: argparse.Namespace) -> int:
         base = json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path")
         print(f"adapter written to {out} (base model: {base})")
     if args.merge:
-        out = merge(args.run, Path(args.merge), args.dtype, args.overwrite)
+        with progress.shown():  # on stderr
+            out = merge(args.run, Path(args.merge), args.dtype, args.overwrite)
         print(f"merged model written to {out}")
     return 0
 
