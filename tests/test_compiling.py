@@ -323,3 +323,16 @@ def test_a_loss_head_that_fails_to_compile_runs_eagerly_and_says_so(monkeypatch,
     assert len(attempts) == 1 and body.compiled is None
     (record,) = [r for r in caplog.records if "loss head" in r.getMessage()]
     assert "no C++ compiler found" in record.getMessage() and "runs eagerly" in record.getMessage()
+
+
+def test_a_first_step_that_compiles_says_so(llama_dir, tmp_path, capsys):
+    """compile: true on a CPU compiles in the first step, with no probe before it: the log says why that
+    step takes long (the bar stood at 0 with no word); an uncompiled run says nothing of it."""
+    torch._dynamo.reset()
+    run(llama_dir, tmp_path, True, quiet=False)
+    said = " ".join(capsys.readouterr().err.split())
+    assert (
+        "the first step compiles the model (torch.compile's warm-up): it takes longer than the rest" in said
+    )
+    run(llama_dir, tmp_path, False, quiet=False)
+    assert "first step compiles" not in capsys.readouterr().err

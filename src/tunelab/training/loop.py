@@ -445,6 +445,7 @@ def train(
         return [collate([train_examples[i] for i in mb], varlen) for mb in epoch_plan(epoch)[index]]
 
     checks_memory = device.type in FAIL_FAST_DEVICES
+    warmed = False  # the layers were compiled in the probe below, before the first step
     if (checks_memory or short_run_rule) and start_step < total_steps:
         # Fail fast (a GPU): the largest micro-batch goes forward and backward once before anything
         # else, so a budget that does not fit stops the run in its first seconds, not hours in. There
@@ -516,9 +517,17 @@ def train(
                 log.print(f"it fits: {memory_text(device)}; {took:.0f} s{compiling_too}")
             elif compiled:
                 log.print(f"compiled in {took:.0f} s")
+            warmed = compiled
 
     if start_step == 0:
         run_eval(0)  # the starting point, so every later number has something to be compared with
+
+    if compiled and not warmed and start_step < total_steps:
+        # Else the bar stands at the first step, with no word, for as long as compiling takes.
+        log.print(
+            "the first step compiles the model (torch.compile's warm-up): it takes longer than the rest"
+        )
+        log.advance(start_step, "compiling")
 
     # ---- train
     t0 = time.perf_counter()
