@@ -463,3 +463,24 @@ def test_eval_every_without_evaluation_data_is_said(llama_dir, qa_file, tmp_path
     fit(llama_dir, qa_file, tmp_path / "r2", max_steps=2, eval_ratio=0.0)  # eval_every unset
     fit(llama_dir, qa_file, tmp_path / "r3", max_steps=2, eval_every=1)  # evaluation data there
     assert "eval_every" not in capsys.readouterr().err
+
+
+def test_errors_met_on_the_way_say_what_to_do_next(tmp_path, capsys):
+    from tunelab.generate import check_decoding
+
+    with pytest.raises(tunelab.TunelabError) as e:
+        runner.config_for_resume(tmp_path)
+    assert "--resume the run directory `tunelab train` printed" in e.value.hint
+    with pytest.raises(tunelab.TunelabError) as e:
+        check_decoding(0, 0.0, 1.0)
+    assert e.value.hint == "ask for 1 or more new tokens (--max-new-tokens N, or max_new_tokens=N in Python)"
+    assert main(["train", "--from", str(tmp_path), "--train.max_steps=1"]) == 2
+    assert "hint: give the run directory `tunelab train` printed" in capsys.readouterr().err
+    with pytest.raises(tunelab.TunelabError) as e:
+        tunelab.Run(tmp_path).metrics()
+    assert "load a run directory that `tunelab train` wrote" in e.value.hint
+    from tunelab.evaluate.cli import _check_regex
+
+    with pytest.raises(tunelab.TunelabError) as e:
+        _check_regex("(")
+    assert e.value.hint.startswith("fix the pattern (Python `re` syntax)")

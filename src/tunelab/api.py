@@ -53,7 +53,10 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
         if not path.is_file():
-            raise TunelabError(f"{self.path} has no metrics.jsonl (has its training started?)")
+            raise TunelabError(
+                f"{self.path} has no metrics.jsonl (has its training started?)",
+                "load a run directory that `tunelab train` wrote, or wait until its first step is logged",
+            )
         lines = path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 

@@ -89,7 +89,11 @@ def _train_config(args: argparse.Namespace, extra: list[str], task: str):
         if path is None:
             path = Path(args.from_run) / "config.yaml"
             if not path.exists():
-                raise TunelabError(f"--from {args.from_run}: not a tunelab run directory (no config.yaml)")
+                raise TunelabError(
+                    f"--from {args.from_run}: not a tunelab run directory (no config.yaml)",
+                    "give the run directory `tunelab train` printed (runs/NAME-TIMESTAMP), or a model folder "
+                    "with --model to start from its weights",
+                )
             if load_config(path).task != task:  # e.g. finetuning a pretrained base: not its raw-text template
                 values |= {
                     "data.template": "auto",

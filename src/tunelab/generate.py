@@ -72,7 +72,10 @@ def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> Non
     """Refuse what generate() cannot honour, before a model loads (transformers raises deep inside,
     or silently decodes greedily for a negative temperature)."""
     if max_new_tokens < 1:
-        raise TunelabError(f"max_new_tokens: got {max_new_tokens}, expected at least 1")
+        raise TunelabError(
+            f"max_new_tokens: got {max_new_tokens}, expected at least 1",
+            "ask for 1 or more new tokens (--max-new-tokens N, or max_new_tokens=N in Python)",
+        )
     if temperature < 0 or not 0 < top_p <= 1:
         raise TunelabError(
             f"temperature {temperature}, top_p {top_p}: expected temperature >= 0 (0 = greedy) "

@@ -285,5 +285,8 @@ def run(
 def config_for_resume(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
-        raise TunelabError(f"{run_dir} is not a tunelab run directory (no config.yaml)")
+        raise TunelabError(
+            f"{run_dir} is not a tunelab run directory (no config.yaml)",
+            "give --resume the run directory `tunelab train` printed (runs/NAME-TIMESTAMP)",
+        )
     return load_config(path)

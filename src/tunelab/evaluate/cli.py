@@ -218,7 +218,10 @@ def _check_regex(pattern: str | None) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise TunelabError(f"--format-regex {pattern!r} is not a valid regular expression: {e}") from None
+        raise TunelabError(
+            f"--format-regex {pattern!r} is not a valid regular expression: {e}",
+            "fix the pattern (Python `re` syntax); quote it in the shell, e.g. --format-regex '^[A-D]$'",
+        ) from None
 
 
 def _data_options(args: argparse.Namespace, trained: Any) -> tuple[dict[str, str], bool, Any]:

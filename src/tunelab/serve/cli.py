@@ -125,7 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     _check_port_free(args.host, args.port)
     if args.max_batch_size < 1 or args.max_tokens_limit < 1 or args.default_max_tokens < 1:
-        raise TunelabError("--max-batch-size, --max-tokens-limit and --default-max-tokens must be at least 1")
+        raise TunelabError(
+            "--max-batch-size, --max-tokens-limit and --default-max-tokens must be at least 1",
+            "give each a whole number of 1 or more, or leave it out for its default",
+        )
     if not _is_loopback(args.host) and not args.api_key:
         print(
             f"warning: binding {args.host} without --api-key: anyone who can reach this port can use the models"
