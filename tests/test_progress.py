@@ -98,7 +98,7 @@ def test_generate_file_shows_progress_per_batch_and_answers_as_one_call(tmp_path
 def test_compare_shows_each_contenders_generation_on_stderr(tmp_path, tiny_models, qa_file, chatty, capsys):
     llama, qwen = str(tiny_models["llama"]), str(tiny_models["qwen2"])
     common = ["--data", str(qa_file), "--limit", "5", "--max-new-tokens", "2", "--batch-size", "2"]
-    assert main(["compare", llama, qwen, *common, "--out", str(tmp_path / "c"), "--bootstrap", "50"]) == 0
+    assert main(["compare", llama, qwen, *common, "--out", str(tmp_path / "c"), "--bootstrap", "200"]) == 0
     err = capsys.readouterr().err.splitlines()
     for name in ("llama", "qwen2"):  # per contender: a line per batch with an ETA, then the count and time
         assert any(
