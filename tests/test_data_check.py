@@ -294,8 +294,8 @@ def test_preflight_modes(planted, tokenizer, capsys):
     s = Settings(max_length=MAX_LENGTH)
     with pytest.raises(DataError, match="the data check found blocking problems: 2 of 5"):
         preflight("block", loaded, template, tokenizer, s)
-    report = preflight("warn", loaded, template, tokenizer, s)
-    assert report is not None and len(report.blocking) == 1
+    checked = preflight("warn", loaded, template, tokenizer, s)
+    assert checked is not None and len(checked[0].blocking) == 1
     assert "data check: blocking: 2 of 5 (40.0%) eval rows" in capsys.readouterr().err
     assert preflight("off", loaded, template, tokenizer, s) is None
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from tunelab import progress
 from tunelab.config import RunConfig, load_config, save_config
-from tunelab.data import check, templates
+from tunelab.data import check, encodings, templates
 from tunelab.data.dataset import count_trainable, encode_records, load_records, pack_documents
 from tunelab.data.formats import write_rejects
 from tunelab.errors import ConfigError, DataError, TunelabError
@@ -80,6 +80,18 @@ def resolve_max_length(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(d, max_length=max_length))
 
 
+def _checked(
+    cfg: RunConfig, loaded: Any, template: templates.Template, tokenizer: Any
+) -> tuple[list[Any], list[Any]] | None:
+    """The data check (data.check), and the examples it encoded when they are what this run would
+    encode (the same template, tokenizer, lengths and masking): each text is tokenised once per run.
+    None when the check is off: the run encodes them itself."""
+    settings = check.settings_from_config(cfg)
+    checked = check.preflight(cfg.data.check, loaded, template, tokenizer, settings)
+    found = checked[1] if checked is not None else None
+    return encodings.reuse(found, check.recipe(template, tokenizer, settings))
+
+
 def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.Template, list[Any]]:
     d = cfg.data
     loaded = load_records(
@@ -93,20 +105,18 @@ def _prepare_data(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, templates.T
                 hint="give rows with a 'text' field, or a .txt file",
             )
         # Documents are cut into chunks, never truncated: no length limit in the check.
-        settings = check.settings_from_config(cfg)
-        check.preflight(d.check, loaded, templates.Template("none", schema="text"), tokenizer, settings)
-        texts = [r.values["text"] for r in loaded.train]
-        eval_texts = [r.values["text"] for r in loaded.eval]
-        train_ex = pack_documents(texts, tokenizer, d.chunk_length, "data: tokenising train")
-        eval_ex = pack_documents(eval_texts, tokenizer, d.chunk_length, "data: tokenising eval")
-        return train_ex, eval_ex, templates.Template("none", schema="text"), loaded.rejects
+        template = templates.Template("none", schema="text")
+        train_ex, eval_ex = _checked(cfg, loaded, template, tokenizer) or (
+            pack_documents(
+                [r.values["text"] for r in part], tokenizer, d.chunk_length, f"data: tokenising {label}"
+            )
+            for label, part in (("train", loaded.train), ("eval", loaded.eval))
+        )
+        return train_ex, eval_ex, template, loaded.rejects
     template = templates.resolve(d.template, loaded.schema, d.prompt_format, d.completion_format)
-    check.preflight(d.check, loaded, template, tokenizer, check.settings_from_config(cfg))
-    train_ex = encode_records(
-        loaded.train, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt, "train"
-    )
-    eval_ex = encode_records(
-        loaded.eval, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt, "eval"
+    train_ex, eval_ex = _checked(cfg, loaded, template, tokenizer) or (
+        encode_records(part, template, tokenizer, d.max_length, d.truncation_side, d.train_on_prompt, label)
+        for label, part in (("train", loaded.train), ("eval", loaded.eval))
     )
     if count_trainable(train_ex) == 0:
         raise DataError(

@@ -29,7 +29,8 @@ from tunelab.data.check_report import (
     SplitStats,
     TokenizerInfo,
 )
-from tunelab.data.dataset import LoadedRecords
+from tunelab.data.dataset import LoadedRecords, chunk_documents
+from tunelab.data.encodings import Encodings, Recipe
 from tunelab.data.packing import plan_epoch
 from tunelab.data.schema import COMPLETION_ROLE, SCHEMAS, Record
 from tunelab.data.templates import Segment, Template
@@ -83,6 +84,11 @@ def settings_from_config(cfg: RunConfig, tokens_per_s: float | None = None) -> S
         tokens_per_s=tokens_per_s,
         chunk_length=d.chunk_length if pretrain else None,
     )
+
+
+def recipe(template: Template, tokenizer: Any, s: Settings) -> Recipe:
+    """What decides the ids of the examples the check encodes under these settings."""
+    return Recipe(template, tokenizer, s.max_length, s.truncation_side, s.train_on_prompt, s.chunk_length)
 
 
 def quantiles(values: list[int]) -> Quantiles | None:
@@ -277,6 +283,13 @@ def _example(r: Record, enc: Encoded, tokenizer: Any) -> Example:
 
 def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings: Settings) -> Report:
     """Every measurement of the report, then the findings drawn from them."""
+    return analyse_encoded(loaded, template, tokenizer, settings)[0]
+
+
+def analyse_encoded(
+    loaded: LoadedRecords, template: Template, tokenizer: Any, settings: Settings
+) -> tuple[Report, Encodings]:
+    """`analyse`, and the examples it encoded on the way, as training receives them."""
     required, optional = SCHEMAS[loaded.schema]
     report = Report(
         schema=loaded.schema,
@@ -288,27 +301,29 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
         max_leakage=settings.max_leakage,
         tokenizer=tokenizer_info(tokenizer),
     )
-    train_encoded: list[Encoded] = []
+    encoded: dict[str, list[Encoded]] = {}
     for split, records in (("train", loaded.train), ("eval", loaded.eval)):
-        stats, encoded = _encode_split(records, template, tokenizer, settings, split)
+        stats, encoded[split] = _encode_split(records, template, tokenizer, settings, split)
         with progress.timed(f"data check: duplicates in {split}"):
             stats.empty_fields = _empty_fields(records, loaded.schema, settings.fields)
             stats.exact_duplicates, stats.near_duplicates = _duplicates(records)
         report.splits[split] = stats
         if split == "train":
-            train_encoded = encoded
-            for r, enc in zip(records[:N_EXAMPLES], encoded):
+            for r, enc in zip(records[:N_EXAMPLES], encoded[split]):
                 report.examples.append(_example(r, enc, tokenizer))
     with progress.timed("data check: leakage from train into eval"):
         report.leaked, report.leaked_at = _leakage(loaded.train, loaded.eval, loaded.schema)
         report.repeated_across = _repeated_across(loaded.train, loaded.eval)
     if settings.chunk_length is not None:  # pretraining trains on chunks of the joined documents
-        from tunelab.data.dataset import pack_documents
-
-        texts = [r.values["text"] for r in loaded.train]
-        train_encoded = pack_documents(texts, tokenizer, settings.chunk_length, "data check: chunking train")
+        # Each text encoded above (template none: one trained segment, never truncated) is framed as
+        # pack_documents frames a document (prefix, text, EOS): chunked, not tokenised again.
+        with progress.timed("data check: chunking"):
+            encoded = {
+                split: chunk_documents((e.input_ids for e in docs), settings.chunk_length)
+                for split, docs in encoded.items()
+            }
         report.chunk_length = settings.chunk_length
-    report.epoch = _epoch(train_encoded, settings)
+    report.epoch = _epoch(encoded["train"], settings)
     report.findings = findings(report)
     if template.name == "chat" and templates.turn_end(tokenizer) is None:
         report.findings.append(
@@ -322,7 +337,7 @@ def analyse(loaded: LoadedRecords, template: Template, tokenizer: Any, settings:
                 "which train EOS after the answer",
             )
         )
-    return report
+    return report, Encodings(recipe(template, tokenizer, settings), encoded["train"], encoded["eval"])
 
 
 def _pct(n: int, of: int) -> str:
@@ -418,12 +433,13 @@ def preflight(
     template: Template,
     tokenizer: Any,
     settings: Settings,
-) -> Report | None:
+) -> tuple[Report, Encodings] | None:
     """What `train` runs before loading weights: "block" raises DataError on blocking findings,
-    "warn" only prints them, "off" skips the check."""
+    "warn" only prints them, "off" skips the check. Returns the report and the examples it encoded,
+    which the run reuses (`encodings.reuse`) rather than tokenising every text again."""
     if mode == "off":
         return None
-    report = analyse(loaded, template, tokenizer, settings)
+    report, encoded = analyse_encoded(loaded, template, tokenizer, settings)
     for f in report.findings:
         print(f"data check: {f.level}: {f.message}", file=sys.stderr)
     if mode == "block" and report.blocking:
@@ -432,4 +448,4 @@ def preflight(
             hint="fix the data (`tunelab data check` gives the full report); data.check=warn trains anyway, "
             "with these problems in the run",
         )
-    return report
+    return report, encoded

@@ -6,6 +6,7 @@ Nothing here reaches a model: the tokenizer is the only thing it needs.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,21 +163,31 @@ def pack_documents(
 ) -> list[Encoded]:
     """Pretraining: documents joined into one stream, cut into chunks; every token is trained. Each
     document is framed as the model will meet text later: the tokenizer's own prefix (a Llama
-    tokenizer's BOS, which generation and finetuning put before every prompt), the text, EOS.
-    A chunk's first token is never a target (nothing precedes it in its chunk), so each chunk starts
-    on the last token of the one before: every token but the stream's first is a target exactly once.
-    The last chunk may be shorter; chunks never cross into padding (training is padding-free)."""
+    tokenizer's BOS, which generation and finetuning put before every prompt), the text, EOS."""
     eos = tokenizer.eos_token_id
     prefix = special_prefix(tokenizer)
-    stream: list[int] = []
-    with progress.track(label, len(texts), "documents") as advance:
+
+    def documents(advance: Any) -> Iterator[list[int]]:
         for text in texts:
             # verbose=False: no "longer than the model's maximum ... indexing errors" warning for a long
             # document; it is cut into chunks here, never fed whole.
-            stream.extend(prefix + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-            if eos is not None:
-                stream.append(eos)
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            yield prefix + ids + ([eos] if eos is not None else [])
             advance(1)
+
+    with progress.track(label, len(texts), "documents") as advance:
+        return chunk_documents(documents(advance), chunk_length)
+
+
+def chunk_documents(documents: Iterable[list[int]], chunk_length: int) -> list[Encoded]:
+    """Framed documents' ids (prefix, text, EOS: as `pack_documents` frames them, and as
+    `encode_records` with template none encodes a text) joined into one stream and cut into chunks.
+    A chunk's first token is never a target (nothing precedes it in its chunk), so each chunk starts
+    on the last token of the one before: every token but the stream's first is a target exactly once.
+    The last chunk may be shorter; chunks never cross into padding (training is padding-free)."""
+    stream: list[int] = []
+    for ids in documents:
+        stream.extend(ids)
     step = chunk_length - 1
     chunks = [stream[i : i + chunk_length] for i in range(0, len(stream) - 1, step)]
     return [Encoded(c, list(c)) for c in chunks]
